@@ -1,0 +1,1 @@
+"""An NVAE-compatible hierarchical VAE, written from ../shared/docs/nvae-reference.md."""
