@@ -1,0 +1,204 @@
+"""Training-step speed and peak memory: a full NVAE step vs a --train_new_q step (frozen decoder).
+
+Both steps are the real `miselbo.training.loop.train_step` on NVAE's MNIST paper architecture (2
+latent scales, 10 groups at the finest with ada_groups, 20 latents per group, 32 channels, SE,
+res_dist, no flows, 2x3 pre/post-processing cells, weight_decay_norm 1e-2 so both regularisers
+run) and the same batch of real binarised mnist5k digits. Times: the two kinds of step alternate
+(so background load hits both alike), warm-up steps are dropped, the median is reported. Peak
+memory: on CUDA torch.cuda.max_memory_allocated during the steps (minus what was allocated
+before them); on CPU the peak resident set size (VmHWM) of a fresh subprocess per kind of step,
+and its rise over the RSS measured just before the first step.
+
+The last line printed is `RESULT {json}` with both times, the memory figures and new_q/full.
+
+    python benchmarks/train_speed.py [--batch_size 16] [--steps 10] [--warmup_steps 3] [--device auto]
+                                     [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from miselbo.cli import resolve_device  # noqa: E402
+from miselbo.data import load_dataset  # noqa: E402
+from miselbo.nvae.config import get_arch_cells  # noqa: E402
+from miselbo.nvae.model import AutoEncoder, is_decoder_key  # noqa: E402
+from miselbo.nvae.objectives import kl_balance_alpha  # noqa: E402
+from miselbo.nvae.optim import build_optimizer  # noqa: E402
+from miselbo.training.loop import StepParts, train_step  # noqa: E402
+from miselbo.training.new_encoder import Parent, adopt_decoder  # noqa: E402
+from miselbo.training.objective import RegularisedLayers  # noqa: E402
+from miselbo.training.options import build_parser  # noqa: E402
+from miselbo.training.settings import TrainSettings  # noqa: E402
+from miselbo.training.stop import StepGuard, StopRequests  # noqa: E402
+
+MNIST_PAPER_FLAGS = ["--dataset", "mnist", "--num_latent_scales", "2", "--num_groups_per_scale", "10",
+                     "--ada_groups", "--num_latent_per_group", "20", "--num_channels_enc", "32",
+                     "--num_channels_dec", "32", "--use_se", "--res_dist", "--num_nf", "0",
+                     "--num_preprocess_blocks", "2", "--num_preprocess_cells", "3",
+                     "--num_postprocess_blocks", "2", "--num_postprocess_cells", "3",
+                     "--num_cell_per_cond_enc", "1", "--num_cell_per_cond_dec", "1",
+                     "--weight_decay_norm", "1e-2", "--fast_adamax"]
+STEP_INDEX = 100  # a global step past the (here irrelevant) learning-rate warm-up, β < 1
+MODES = ("full", "new_q")
+
+
+def build_step_parts(mode: str, device: torch.device, parent: AutoEncoder | None = None):
+    """(StepParts, model) for a full step (seed 0) or a new-encoder step (seed 1, parent's decoder)."""
+    args = build_parser().parse_args(MNIST_PAPER_FLAGS)
+    torch.manual_seed(0 if mode == "full" else 1)
+    model = AutoEncoder(args, None, get_arch_cells(args.arch_instance))
+    if mode == "new_q":
+        parent = parent or build_step_parts("full", torch.device("cpu"))[1]
+        adopt_decoder(model, Parent(Path("<parent in memory>"), parent.decoder_fingerprint(),
+                                    {k: v for k, v in parent.state_dict().items() if is_decoder_key(k)}))
+        trainable, layers = model.encoder_parameters(), RegularisedLayers.encoder_of(model)
+    else:
+        trainable, layers = list(model.parameters()), RegularisedLayers()
+    model.to(device).train()
+    parts = StepParts(model=model, optimizer=build_optimizer(trainable, 1e-2, 3e-4, fast=True),
+                      grad_scaler=torch.amp.GradScaler(device.type, enabled=device.type == "cuda"),
+                      trainable=trainable, alpha=kl_balance_alpha(model.groups_per_scale, device=device),
+                      layers=layers, settings=TrainSettings.from_args(args),
+                      iterations_per_epoch=1000, device=device)
+    return parts, model
+
+
+def real_batch(batch_size: int, device: torch.device) -> torch.Tensor:
+    """The first `batch_size` mnist5k training digits, padded and binarised: [B, 1, 32, 32]."""
+    dataset = load_dataset("mnist5k", "", train=True)
+    dataset.reseed(0)
+    return torch.stack([dataset[i][0] for i in range(batch_size)]).to(device)
+
+
+def timed_step(parts: StepParts, x: torch.Tensor, guard: StepGuard) -> float:
+    if parts.device.type == "cuda":
+        torch.cuda.synchronize(parts.device)
+    began = time.perf_counter()
+    train_step(parts, x, STEP_INDEX, guard)
+    if parts.device.type == "cuda":
+        torch.cuda.synchronize(parts.device)
+    return time.perf_counter() - began
+
+
+def median_step_times(options, device: torch.device) -> dict:
+    """Alternate full and new-encoder steps; median seconds of each after the warm-up."""
+    full_parts, full_model = build_step_parts("full", device)
+    q_parts, _ = build_step_parts("new_q", device, parent=full_model.cpu())
+    full_model.to(device)
+    x = real_batch(options.batch_size, device)
+    guard = StepGuard(StopRequests(announce=False), device)
+    times = {mode: [] for mode in MODES}
+    for index in range(options.warmup_steps + options.steps):
+        for mode, parts in (("full", full_parts), ("new_q", q_parts)):
+            seconds = timed_step(parts, x, guard)
+            if index >= options.warmup_steps:
+                times[mode].append(seconds)
+    return {mode: statistics.median(values) for mode, values in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (Linux): VmRSS = resident now, VmHWM = its peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} (the CPU memory figures need Linux)")
+
+
+def current_rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. Not ru_maxrss: after fork + exec that starts at the parent's RSS."""
+    return _status_kib("VmHWM") * 1024
+
+
+def memory_of_one_mode(mode: str, options) -> dict:
+    """Run in a fresh process: RSS before the first step, peak RSS after the steps (bytes)."""
+    device = torch.device("cpu")
+    parts, _ = build_step_parts(mode, device)
+    x = real_batch(options.batch_size, device)
+    guard = StepGuard(StopRequests(announce=False), device)
+    before = current_rss_bytes()
+    for _ in range(options.warmup_steps + 2):
+        train_step(parts, x, STEP_INDEX, guard)
+    peak = peak_rss_bytes()
+    return {"rss_before_steps": before, "peak_rss": peak}
+
+
+def cpu_memory(options) -> dict:
+    """memory_of_one_mode of each kind of step, each in its own subprocess."""
+    figures = {}
+    for mode in MODES:
+        command = [sys.executable, __file__, "--memory_of", mode, "--batch_size",
+                   str(options.batch_size), "--warmup_steps", str(options.warmup_steps),
+                   "--threads", str(options.threads)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        figures[mode] = {"peak_rss_mib": measured["peak_rss"] / 2 ** 20,
+                         "rise_over_rss_before_steps_mib":
+                             (measured["peak_rss"] - measured["rss_before_steps"]) / 2 ** 20}
+    return figures
+
+
+def cuda_memory(options, device: torch.device) -> dict:
+    figures = {}
+    for mode in MODES:
+        parts, _ = build_step_parts(mode, device)
+        x = real_batch(options.batch_size, device)
+        guard = StepGuard(StopRequests(announce=False), device)
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(options.warmup_steps + 2):
+            train_step(parts, x, STEP_INDEX, guard)
+        torch.cuda.synchronize(device)
+        figures[mode] = {"peak_allocated_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20,
+                         "rise_over_allocated_before_steps_mib":
+                             (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20}
+        del parts
+    return figures
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
+    parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps of each kind")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); 1 is robust on a shared machine")
+    parser.add_argument("--memory_of", choices=MODES, help=argparse.SUPPRESS)  # internal
+    options = parser.parse_args(argv)
+    if options.threads > 0:
+        torch.set_num_threads(options.threads)
+    if options.memory_of:
+        print(json.dumps(memory_of_one_mode(options.memory_of, options)))
+        return
+    device = resolve_device(options.device)
+    memory = cuda_memory(options, device) if device.type == "cuda" else cpu_memory(options)
+    times = median_step_times(options, device)
+    result = {"device": str(device), "torch_threads": torch.get_num_threads(),
+              "cpu": platform.processor() or platform.machine(), "batch_size": options.batch_size,
+              "timed_steps": options.steps, "warmup_steps": options.warmup_steps,
+              "full_step_s": times["full"], "new_q_step_s": times["new_q"],
+              "ratio_new_q_over_full": times["new_q"] / times["full"], "memory": memory}
+    print(f"full step {times['full']:.4f} s, new-encoder step {times['new_q']:.4f} s, "
+          f"ratio {result['ratio_new_q_over_full']:.3f}")
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""One training step and one training epoch (reference doc §8.2, §8.4).
+
+Step: warm-up learning rate; zero gradients; under autocast (float16, CUDA only) the objective of
+objective.nelbo_loss; all processes agree on stop requests and on a finite loss; scaled backward;
+gradients averaged across processes; GradScaler step (skips inf/NaN gradients) and update.
+With a frozen decoder only encoder parameters are in the optimizer and the regularisers cover
+encoder layers only; gradients still flow through the decoder's activations.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from miselbo import distributed
+from miselbo.data import pre_process
+from miselbo.nvae.objectives import kl_coeff, regulariser_coefficient
+from miselbo.nvae.optim import apply_warmup_learning_rate
+from miselbo.training.checkpointing import Progress
+from miselbo.training.objective import LossTerms, RegularisedLayers, nelbo_loss
+from miselbo.training.settings import PARAMETER_AVERAGING_PERIOD, TrainSettings
+from miselbo.training.stop import StepGuard, StopAfterStep
+
+
+@dataclass
+class StepParts:
+    """Everything a training step uses."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    grad_scaler: torch.amp.GradScaler
+    trainable: list  # the optimised parameters (all, or the encoder's)
+    alpha: torch.Tensor  # [G] KL balancing weights
+    layers: RegularisedLayers | None  # regularised layers; None when λ = 0 throughout
+    settings: TrainSettings
+    iterations_per_epoch: int
+    device: torch.device
+
+    @property
+    def num_total_iter(self) -> int:
+        return self.iterations_per_epoch * self.settings.epochs
+
+    @property
+    def warmup_iterations(self) -> int:
+        return self.iterations_per_epoch * self.settings.warmup_epochs
+
+
+def step_weights(settings: TrainSettings, global_step: int, num_total_iter: int) -> tuple[float, float]:
+    """(β, λ) at a global step: KL warm-up weight and regulariser coefficient (§2.6, §2.9)."""
+    beta = kl_coeff(global_step, num_total_iter, settings.kl_anneal_portion,
+                    settings.kl_const_portion, settings.kl_const_coeff)
+    lam = regulariser_coefficient(beta, settings.weight_decay_norm, settings.weight_decay_norm_init,
+                                  settings.weight_decay_norm_anneal)
+    return beta, lam
+
+
+def train_step(parts: StepParts, x: torch.Tensor, global_step: int, guard: StepGuard) -> LossTerms:
+    """One update on a pre-processed batch x [B, C, H, W]; raises NonFiniteLoss before updating."""
+    apply_warmup_learning_rate(parts.optimizer, global_step, parts.warmup_iterations,
+                               parts.settings.learning_rate)
+    parts.optimizer.zero_grad(set_to_none=True)
+    beta, lam = step_weights(parts.settings, global_step, parts.num_total_iter)
+    with torch.autocast(device_type=parts.device.type, dtype=torch.float16,
+                        enabled=parts.device.type == "cuda"):
+        terms = nelbo_loss(parts.model, x, beta, parts.alpha, lam, parts.layers)
+    guard.check_loss(float(terms.loss.detach()), global_step)
+    parts.grad_scaler.scale(terms.loss).backward()
+    distributed.average_gradients_(parts.trainable)
+    parts.grad_scaler.step(parts.optimizer)
+    parts.grad_scaler.update()
+    return terms
+
+
+def skip_batches(loader: Iterable, count: int) -> Iterator:
+    """The loader's batches after the first `count` (which are still drawn, so the data order and
+    the random binarisation of the rest equal those of an uninterrupted epoch)."""
+    batches = iter(loader)
+    for _ in range(count):
+        next(batches)
+    return batches
+
+
+StepCallback = Callable[[LossTerms, torch.Tensor, float], None]
+
+
+def train_epoch(parts: StepParts, loader, progress: Progress, guard: StepGuard,
+                on_step: StepCallback | None = None) -> None:
+    """Train over the rest of the current epoch (from progress.step_in_epoch), updating `progress`.
+
+    on_step(terms, x, seconds) runs after each step (logging, progress bar). Raises StopAfterStep
+    once all processes agree to stop, after the step that saw the request has completed.
+    """
+    parts.model.train()
+    start = progress.step_in_epoch
+    for position, (images, *_) in enumerate(skip_batches(loader, start), start=start):
+        began = time.perf_counter()
+        x = pre_process(images.to(parts.device, non_blocking=True), parts.settings.num_x_bits)
+        if position % PARAMETER_AVERAGING_PERIOD == 0:
+            distributed.average_parameters_(parts.trainable)
+        terms = train_step(parts, x, progress.global_step, guard)
+        progress.epoch_loss_sum += float(terms.loss.detach())
+        progress.epoch_loss_count += 1
+        if on_step is not None:
+            on_step(terms, x, time.perf_counter() - began)
+        progress.global_step += 1
+        progress.step_in_epoch = position + 1
+        if guard.stop_signal:
+            raise StopAfterStep(guard.stop_signal)

@@ -1,0 +1,391 @@
+"""One process's training run (reference doc §8.1): set up, epochs, checkpoints, final test.
+
+`run_training(args, setup, device, resume_command)` is what every process executes, whether it
+was started directly, spawned NVAE-style or by torchrun. Only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from miselbo import distributed
+from miselbo.checkpoints import CheckpointError, load_state_dict_strict, read_checkpoint
+from miselbo.cli import progress as progress_bar
+from miselbo.data import Loaders, build_loaders, derived_seed, num_output_dims, start_epoch
+from miselbo.distributed import DistributedSetup
+from miselbo.nvae.config import get_arch_cells
+from miselbo.nvae.model import AutoEncoder
+from miselbo.nvae.objectives import kl_balance_alpha
+from miselbo.nvae.optim import build_optimizer, build_scheduler, step_scheduler_for_epoch
+from miselbo.safe_io import atomic_write_text
+from miselbo.training.checkpointing import (ROLE_P_AND_Q, ROLE_Q, Lineage, Progress,
+                                            require_parent_decoder, restore_training_state,
+                                            save_training_checkpoint)
+from miselbo.training.evaluation import EvaluationInterrupted, TestResult, evaluate_bounds
+from miselbo.training.logs import (Board, RunLog, log_prior_samples, log_reconstructions,
+                                   log_step_scalars)
+from miselbo.training.loop import StepParts, train_epoch
+from miselbo.training.new_encoder import adopt_decoder, load_parent
+from miselbo.training.objective import RegularisedLayers
+from miselbo.training.options import data_set_of
+from miselbo.training.settings import (GRAD_SCALER_INIT_SCALE, IMAGE_LOG_PERIOD, SCALAR_LOG_PERIOD,
+                                       VALID_IW_SAMPLES, TrainSettings)
+from miselbo.training.stop import (EXIT_TRAINING_FAILED, NonFiniteLoss, StepGuard, StopAfterStep,
+                                   StopRequests, TrainingStopped, signal_name)
+
+RESULT_FILE_NAME = "train_result.json"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run produced; test values are per image, in nats (and bits/dim)."""
+    checkpoint_path: Path
+    save_dir: Path
+    role: str
+    seed: int
+    epochs: int
+    global_step: int
+    test_nelbo: float
+    test_neg_log_p: float
+    test_nelbo_bpd: float
+    test_neg_log_p_bpd: float
+    final_iw_samples: int
+    decoder_fingerprint: str
+    parameter_sha256: str  # over every parameter of this process (equal on all ranks)
+    wall_seconds: float
+    rank_parameter_sha256: tuple = field(default_factory=tuple)  # one per rank, when spawned
+
+    def to_json(self) -> str:
+        values = {key: str(value) if isinstance(value, Path) else value
+                  for key, value in asdict(self).items()}
+        values["rank_parameter_sha256"] = list(self.rank_parameter_sha256)
+        return json.dumps(values, indent=2) + "\n"
+
+
+@dataclass(frozen=True)
+class SavedPoint:
+    path: Path
+    epoch: int
+    global_step: int
+
+
+def parameter_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's name and bytes (sorted by name)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def seed_everything(seed: int) -> None:
+    """§8.1 step 1: torch (CPU and every CUDA device) and NumPy."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def build_model(args: argparse.Namespace, settings: TrainSettings, device: torch.device):
+    """(model on device, checkpoint being resumed or None, lineage). See new_encoder for role q."""
+    model = AutoEncoder(args, None, get_arch_cells(args.arch_instance))
+    checkpoint = None
+    if args.cont_training:
+        path = Path(args.save) / "checkpoint.pt"
+        checkpoint = read_checkpoint(path, trust=args.trust_checkpoint)
+        load_state_dict_strict(model, checkpoint["state_dict"], source=str(path))
+        lineage = Lineage.from_checkpoint(checkpoint, args)
+        _check_resumed_role(model, lineage, settings, path)
+    elif settings.train_new_q:
+        parent = load_parent(args.p_and_q1_path, args.trust_checkpoint)
+        adopt_decoder(model, parent)
+        lineage = Lineage(ROLE_Q, settings.seed, str(parent.path), parent.fingerprint)
+    else:
+        lineage = Lineage(ROLE_P_AND_Q, settings.seed)
+    return model.to(device), checkpoint, lineage
+
+
+def _check_resumed_role(model, lineage: Lineage, settings: TrainSettings, path: Path) -> None:
+    if settings.train_new_q != (lineage.role == ROLE_Q):
+        raise CheckpointError(f"{path} holds a {lineage.role!r} run, which --cont_training cannot "
+                              f"resume {'with' if settings.train_new_q else 'without'} --train_new_q.")
+    if lineage.role == ROLE_Q:
+        model.freeze_decoder()
+        if model.decoder_fingerprint() != lineage.parent_fingerprint:
+            raise CheckpointError(f"{path}: its decoder differs from the parent decoder it records "
+                                  f"({lineage.parent_path}); the file was changed after writing.")
+
+
+def _follow_schedule_flags(scheduler, settings: TrainSettings) -> None:
+    """After resuming, the cosine schedule follows this command's --epochs / --learning_rate_min
+    (a loaded state would keep the old period; with more epochs NVAE then divides by zero)."""
+    scheduler.T_max = float(settings.epochs - settings.warmup_epochs - 1)
+    scheduler.eta_min = settings.learning_rate_min
+
+
+def _step_scheduler(scheduler, epoch: int, warmup_epochs: int) -> None:
+    with warnings.catch_warnings():  # resumed runs step the schedule before the first update
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+        step_scheduler_for_epoch(scheduler, epoch, warmup_epochs)
+
+
+def _annotate(args: argparse.Namespace, setup: DistributedSetup, iterations: int) -> argparse.Namespace:
+    """The attributes NVAE's train.py adds to its namespace (they end up in the checkpoint)."""
+    return argparse.Namespace(**dict(vars(args), num_total_iter=iterations * args.epochs,
+                                     distributed=setup.world_size > 1, local_rank=setup.local_rank,
+                                     global_rank=setup.rank))
+
+
+def _loaders(args, setup: DistributedSetup, device: torch.device):
+    return build_loaders(data_set_of(args), args.data, args.batch_size, args.seed,
+                         num_workers=args.num_workers, device=device,
+                         max_train_examples=args.num_train_examples,
+                         max_test_examples=args.num_test_examples,
+                         world_size=setup.world_size, rank=setup.rank)
+
+
+def run_training(args: argparse.Namespace, setup: DistributedSetup, device: torch.device,
+                 resume_command: str) -> TrainResult:
+    """Set up this process's part of the run and train it to the end (or raise TrainingStopped)."""
+    requests = StopRequests(announce=setup.rank == 0)
+    with requests.installed():
+        session = TrainingSession.open(args, setup, device, requests, resume_command)
+        try:
+            return session.run()
+        finally:
+            session.close()
+
+
+@dataclass
+class TrainingSession:
+    """The state of one process's run and the epoch-level procedure."""
+    args: argparse.Namespace  # NVAE's namespace, as stored in checkpoints
+    settings: TrainSettings
+    setup: DistributedSetup
+    is_main: bool
+    device: torch.device
+    loaders: Loaders
+    model: AutoEncoder
+    lineage: Lineage
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    parts: StepParts
+    progress: Progress
+    last_checkpoint: SavedPoint | None
+    save_dir: Path
+    guard: StepGuard
+    resume_command: str
+    log: RunLog
+    board: Board
+
+    @classmethod
+    def open(cls, args, setup: DistributedSetup, device: torch.device, requests: StopRequests,
+             resume_command: str) -> "TrainingSession":
+        settings = TrainSettings.from_args(args)
+        seed_everything(settings.seed)
+        is_main = setup.rank == 0
+        loaders = _loaders(args, setup, device)
+        args = _annotate(args, setup, len(loaders.train))
+        model, checkpoint, lineage = build_model(args, settings, device)
+        trainable = model.encoder_parameters() if lineage.role == ROLE_Q else list(model.parameters())
+        optimizer = build_optimizer(trainable, settings.learning_rate, settings.weight_decay,
+                                    settings.fast_adamax)
+        scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs,
+                                    settings.learning_rate_min)
+        scaler = torch.amp.GradScaler(device.type, init_scale=GRAD_SCALER_INIT_SCALE,
+                                      enabled=device.type == "cuda")
+        progress, last_checkpoint = Progress(), None
+        if checkpoint is not None:
+            restore_training_state(checkpoint, optimizer, scheduler, scaler, Path(args.save))
+            _follow_schedule_flags(scheduler, settings)
+            progress = Progress.from_checkpoint(checkpoint)
+            last_checkpoint = SavedPoint(Path(args.save) / "checkpoint.pt", progress.epoch,
+                                         progress.global_step)
+            torch.manual_seed(derived_seed(settings.seed, progress.global_step, setup.rank, "train"))
+        layers = None
+        if settings.regularised:
+            layers = RegularisedLayers.encoder_of(model) if lineage.role == ROLE_Q else RegularisedLayers()
+        parts = StepParts(model=model, optimizer=optimizer, grad_scaler=scaler, trainable=trainable,
+                          alpha=kl_balance_alpha(model.groups_per_scale, device=device),
+                          layers=layers, settings=settings, iterations_per_epoch=len(loaders.train),
+                          device=device)
+        save_dir = Path(args.save)
+        return cls(args=args, settings=settings, setup=setup, is_main=is_main, device=device,
+                   loaders=loaders, model=model, lineage=lineage, optimizer=optimizer,
+                   scheduler=scheduler, scaler=scaler, parts=parts, progress=progress,
+                   last_checkpoint=last_checkpoint, save_dir=save_dir,
+                   guard=StepGuard(requests, device), resume_command=resume_command,
+                   log=RunLog(save_dir, enabled=is_main), board=Board(save_dir, enabled=is_main))
+
+    # ------------------------------------------------------------------------- the run
+
+    def run(self) -> TrainResult:
+        started = time.perf_counter()
+        self._log_start()
+        for epoch in range(self.progress.epoch, self.settings.epochs):
+            self._train_one_epoch(epoch)
+            self._finish_epoch(epoch)
+        return self._final_test(started)
+
+    def _log_start(self) -> None:
+        args, progress = self.args, self.progress
+        trainable = sum(p.numel() for p in self.parts.trainable)
+        self.log.info("%s run, seed %d, %s, %d process(es); %d trainable parameters; data %s: %d "
+                      "steps/epoch of %d images per process", self.lineage.role, self.lineage.seed,
+                      self.device, self.setup.world_size, trainable, data_set_of(args),
+                      self.parts.iterations_per_epoch, args.batch_size)
+        if self.lineage.role == ROLE_Q:
+            self.log.info("frozen decoder from %s (fingerprint %s)", self.lineage.parent_path,
+                          self.lineage.parent_fingerprint)
+        if progress.global_step:
+            self.log.info("resuming at epoch %d, global step %d (step %d of the epoch)",
+                          progress.epoch + 1, progress.global_step, progress.step_in_epoch)
+
+    def _train_one_epoch(self, epoch: int) -> None:
+        progress = self.progress
+        start_epoch(self.loaders, progress.global_step - progress.step_in_epoch, self.settings.seed)
+        if progress.step_in_epoch == 0:  # a mid-epoch checkpoint already stepped the scheduler
+            _step_scheduler(self.scheduler, epoch, self.settings.warmup_epochs)
+        bar = progress_bar(total=self.parts.iterations_per_epoch, initial=progress.step_in_epoch,
+                           desc=f"epoch {epoch + 1}/{self.settings.epochs}", unit="step",
+                           **({} if self.is_main else {"disable": True}))
+        try:
+            train_epoch(self.parts, self.loaders.train, progress, self.guard,
+                        on_step=partial(self._after_step, bar))
+        except StopAfterStep as stop:
+            self._stop(stop.signal_number, f"during epoch {epoch + 1}")
+        except NonFiniteLoss as err:
+            raise self._nonfinite(err, epoch) from None
+        finally:
+            bar.close()
+
+    def _after_step(self, bar, terms, x: torch.Tensor, seconds: float) -> None:
+        step = self.progress.global_step  # before its increment, as in NVAE's logging
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(terms.loss.detach()):.2f}", kl=f"{float(terms.kl):.2f}",
+                        s_step=f"{seconds:.3f}", refresh=False)
+        if (step + 1) % SCALAR_LOG_PERIOD == 0:
+            average = self.progress.epoch_loss_sum / max(self.progress.epoch_loss_count, 1)
+            log_step_scalars(self.board, terms, average, self.optimizer.param_groups[0]["lr"], step)
+        if (step + 1) % IMAGE_LOG_PERIOD == 0:
+            log_reconstructions(self.board, self.model, x, terms, step)
+
+    def _finish_epoch(self, epoch: int) -> None:
+        totals = torch.tensor([self.progress.epoch_loss_sum, float(self.progress.epoch_loss_count)],
+                              dtype=torch.float64, device=self.device)
+        distributed.sum_tensor_(totals)
+        epoch_loss = float(totals[0] / max(float(totals[1]), 1.0))
+        self.progress.finish_epoch()
+        self.log.info("epoch %d/%d done: training loss %.4f (NELBO + regularisers, nats), global "
+                      "step %d, lr %.3g", epoch + 1, self.settings.epochs, epoch_loss,
+                      self.progress.global_step, self.optimizer.param_groups[0]["lr"])
+        self.board.scalar("train/epoch_loss", epoch_loss, self.progress.global_step)
+        if self.settings.param_check:
+            require_parent_decoder(self.model.decoder_fingerprint(), self.lineage,
+                                   f"during epoch {epoch + 1} (--param_check)")
+            self.log.info("--param_check: decoder fingerprint unchanged after epoch %d", epoch + 1)
+        if self.settings.validates_after(epoch):
+            self._validate(epoch)
+        if self.settings.checkpoints_after(epoch):
+            self._save()
+
+    def _validate(self, epoch: int) -> None:
+        step = self.progress.global_step
+        self.model.eval()
+        log_prior_samples(self.board, self.model, step)
+        result = self._test(VALID_IW_SAMPLES, f"while testing after epoch {epoch + 1}")
+        bpd = self._bpd_coeff()
+        self.log.info("epoch %d/%d test (%d images, %d samples): NELBO %.4f nats (%.4f bpd), "
+                      "-log p %.4f nats (%.4f bpd)", epoch + 1, self.settings.epochs,
+                      result.num_images, VALID_IW_SAMPLES, result.nelbo, result.nelbo * bpd,
+                      result.neg_log_p, result.neg_log_p * bpd)
+        for tag, value in (("val/neg_log_p", result.neg_log_p), ("val/nelbo", result.nelbo),
+                           ("val/bpd_log_p", result.neg_log_p * bpd),
+                           ("val/bpd_elbo", result.nelbo * bpd)):
+            self.board.scalar(tag, value, epoch)
+
+    def _test(self, num_samples: int, where: str) -> TestResult:
+        try:
+            return evaluate_bounds(self.loaders.test, self.model, num_samples,
+                                   self.settings.num_x_bits, should_stop=self.guard.stop_requested)
+        except EvaluationInterrupted:
+            self._stop(self.guard.stop_signal, where)
+
+    def _bpd_coeff(self) -> float:
+        return 1.0 / (math.log(2.0) * num_output_dims(data_set_of(self.args)))
+
+    # ------------------------------------------------------------------------- checkpoints, stops
+
+    def _save(self) -> Path:
+        path = self.save_dir / "checkpoint.pt"
+        if self.is_main:
+            path = save_training_checkpoint(self.save_dir, self.model, self.args, self.optimizer,
+                                            self.scheduler, self.scaler, self.progress, self.lineage)
+            self.log.info("checkpoint written: %s (epoch %d done, global step %d)", path,
+                          self.progress.epoch, self.progress.global_step)
+        distributed.barrier()
+        self.last_checkpoint = SavedPoint(path, self.progress.epoch, self.progress.global_step)
+        return path
+
+    def _stop(self, signal_number: int, where: str) -> None:
+        """Write a checkpoint of the current state and raise TrainingStopped (exit 128 + N)."""
+        path = self._save()
+        progress = self.progress
+        raise TrainingStopped(
+            f"training stopped by {signal_name(signal_number)} {where}, at global step "
+            f"{progress.global_step} ({progress.epoch} epoch(s) and {progress.step_in_epoch} step(s) "
+            f"of the next done). Checkpoint written to {path}. Resume with:\n  {self.resume_command}",
+            128 + signal_number)
+
+    def _nonfinite(self, err: NonFiniteLoss, epoch: int) -> TrainingStopped:
+        last = self.last_checkpoint
+        if last is None:
+            kept = "No checkpoint had been written yet; start again, e.g. with a lower --learning_rate."
+        else:
+            kept = (f"The last good checkpoint, {last.path} ({last.epoch} epoch(s), global step "
+                    f"{last.global_step}), is kept; resume from it (perhaps with a lower "
+                    f"--learning_rate) with:\n  {self.resume_command}")
+        return TrainingStopped(
+            f"training stopped: {err} (epoch {epoch + 1}, step {self.progress.step_in_epoch + 1} of "
+            f"{self.parts.iterations_per_epoch}); the weights were not updated with it and no "
+            f"checkpoint was written. {kept}", EXIT_TRAINING_FAILED)
+
+    # ------------------------------------------------------------------------- the end
+
+    def _final_test(self, started: float) -> TrainResult:
+        samples = self.settings.final_iw_samples
+        result = self._test(samples, "during the final test (training itself is complete)")
+        bpd = self._bpd_coeff()
+        self.log.info("final test (%d images, %d importance samples): NELBO %.4f nats (%.4f bpd), "
+                      "-log p %.4f nats (%.4f bpd)", result.num_images, samples, result.nelbo,
+                      result.nelbo * bpd, result.neg_log_p, result.neg_log_p * bpd)
+        self.board.scalar("test/nelbo", result.nelbo, self.progress.global_step)
+        self.board.scalar("test/neg_log_p", result.neg_log_p, self.progress.global_step)
+        outcome = TrainResult(
+            checkpoint_path=self.save_dir / "checkpoint.pt", save_dir=self.save_dir,
+            role=self.lineage.role, seed=self.lineage.seed, epochs=self.progress.epoch,
+            global_step=self.progress.global_step, test_nelbo=result.nelbo,
+            test_neg_log_p=result.neg_log_p, test_nelbo_bpd=result.nelbo * bpd,
+            test_neg_log_p_bpd=result.neg_log_p * bpd, final_iw_samples=samples,
+            decoder_fingerprint=self.model.decoder_fingerprint(),
+            parameter_sha256=parameter_sha256(self.model),
+            wall_seconds=time.perf_counter() - started)
+        if self.is_main:
+            atomic_write_text(self.save_dir / RESULT_FILE_NAME, outcome.to_json(), record_sha256=False)
+        return outcome
+
+    def close(self) -> None:
+        self.board.close()
+        self.log.close()

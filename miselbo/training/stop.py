@@ -1,0 +1,113 @@
+"""Stopping early: SIGINT/SIGTERM become a request to stop after the current step, a non-finite
+loss stops before the update, and every process of a run takes the same decision.
+
+Signals: the first SIGINT or SIGTERM only sets a flag (the loop finishes its step, writes a
+checkpoint and exits with 128 + signal number). A second SIGINT (Ctrl-C twice) raises
+KeyboardInterrupt at once; checkpoints are written atomically, so the last one stays intact.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+
+import torch
+
+from miselbo import distributed
+
+EXIT_TRAINING_FAILED = 3
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingStopped(Exception):
+    """Training ended before its last epoch; `message` says why and how to go on."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class NonFiniteLoss(Exception):
+    """The loss of a step was NaN or infinite (on some process); no update was made."""
+
+    def __init__(self, global_step: int, value: float | None):
+        where = f"is {value}" if value is not None else "is not finite on another process"
+        super().__init__(f"the loss {where} at global step {global_step}")
+        self.global_step = global_step
+        self.value = value
+
+
+class StopAfterStep(Exception):
+    """A stop was requested by `signal_number`; the step that was running has finished."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+
+def signal_name(signal_number: int) -> str:
+    return signal.Signals(signal_number).name
+
+
+class StopRequests:
+    """Records SIGINT/SIGTERM while installed (main thread only); `announce` prints a notice once."""
+
+    def __init__(self, announce: bool = True):
+        self.signal_number = 0
+        self.announce = announce
+        self._previous = {}
+
+    def _handle(self, signal_number, frame) -> None:
+        if signal_number == signal.SIGINT and self.signal_number:
+            raise KeyboardInterrupt
+        if self.signal_number:
+            return
+        self.signal_number = signal_number
+        if self.announce:
+            print(f"\n{signal_name(signal_number)} received: finishing the current step, then writing "
+                  f"a checkpoint (Ctrl-C again stops at once).", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Install the handlers for the duration of the block, then restore the previous ones."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # handlers can only be set from the main thread; signals then act as usual
+            return
+        self._previous = {number: signal.signal(number, self._handle) for number in HANDLED_SIGNALS}
+        try:
+            yield self
+        finally:
+            for number, handler in self._previous.items():
+                signal.signal(number, handler)
+
+
+class StepGuard:
+    """Per-step agreement of all processes on (stop signal, non-finite loss), one all-reduce."""
+
+    def __init__(self, requests: StopRequests, device: torch.device):
+        self.requests = requests
+        self.device = device
+        self.stop_signal = 0
+
+    def _agree(self, nonfinite: bool) -> tuple[int, bool]:
+        flags = torch.tensor([float(self.requests.signal_number), float(nonfinite)], device=self.device)
+        if distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return int(flags[0]), bool(flags[1])
+
+    def check_loss(self, loss_value: float, global_step: int) -> None:
+        """Call between forward and backward: raise NonFiniteLoss if any process saw one, and
+        remember whether any process was asked to stop (the step then still completes)."""
+        signal_number, nonfinite = self._agree(not math.isfinite(loss_value))
+        self.stop_signal = self.stop_signal or signal_number
+        if nonfinite:
+            raise NonFiniteLoss(global_step, None if math.isfinite(loss_value) else loss_value)
+
+    def stop_requested(self) -> bool:
+        """Whether any process was asked to stop (asked between test batches)."""
+        signal_number, _ = self._agree(False)
+        self.stop_signal = self.stop_signal or signal_number
+        return bool(self.stop_signal)
