@@ -1,0 +1,398 @@
+"""One decoder, S encoders: the log-weight tensors of an NVAE ensemble, computed efficiently.
+
+For a batch x [B, C, H, W] and L importance samples per member, `Ensemble.log_weights` returns
+``log_p [B, S, L]`` (log p(x, z_sl), z_sl the l-th draw of member s) and ``log_q [B, S, L, S]``
+(log q_j(z_sl | x) for every member j), float64, in the convention of `miselbo.estimators`.
+
+How (reference doc §6.4, §6.10; design.md "The one idea that makes evaluation fast"):
+
+* each encoder's bottom-up pass runs once per batch (S passes, reused for all L samples);
+* for each source member s, its L samples go through ONE batched decoder pass per chunk (rows =
+  chunk x B); at every latent group all S posterior heads are evaluated on the shared decoder
+  state, s draws its pre-flow z from its own posterior and pushes it through its own flows, and the
+  decoder receives the post-flow z;
+* log p(x, z) = log p(x | z) (output head, honouring crop_output) + sum_g log p_g(z_g | z_<g).
+
+The S posterior heads of group g >= 1 as one convolution. Member j's head is
+enc_param_j = Samp_j(F_j + Comb_j(state)), with Comb_j a 1x1 conv (Wc_j, bc_j), Samp_j a k x k
+conv (Ws_j, bs_j) with zero padding and F_j the bottom-up feature. Both are linear, so
+    enc_param_j = Samp_j(F_j + bc_j)                       (depends on x only: once per batch)
+                + conv(state, Ws_j o Wc_j)                  (per sample, no bias),
+where (Ws_j o Wc_j)[o, i] = sum_c Ws_j[o, c] Wc_j[c, i] (zero padding commutes with the 1x1 map).
+The S composed kernels are stacked into one [S 2L, C_dec, k, k] convolution that reads the shared
+state once; this costs less than a combiner conv with S C outputs followed by a grouped sampler
+conv (2.2-2.6x faster for S = 2..8 on one CPU thread, benchmarks/eval_speed.py), and is exact up to
+float32 round-off. The stacked weights are written once, when the Ensemble is built (eval mode: the
+weight-normalised weights are fixed); build a new Ensemble after changing any weight.
+
+Flows (num_nf > 0): scoring member j at the source's post-flow z* inverts j's flows by fixed-point
+iteration (`AutoEncoder.invert_flows`); NVAE's flows preserve volume (log_det = 0, §4.6), so
+log q_j(z*) = log N_j(f_j^-1(z*)); the source's own density uses its own pre-flow draw exactly.
+The largest inversion residual is returned. Later groups' heads see the states the decoder computed
+from the post-flow z, as in the decoder itself.
+
+Memory holds one decoder: `share_decoder` makes the members use member 0's decoder modules, so the
+others' decoders can be freed (`miselbo.evaluate` does this right after loading each checkpoint).
+Compute is float32 without autocast; log-densities are summed per group in float32 and accumulated
+over groups in float64. Draws come from the `generator` passed in (deterministic for its seed; the
+draws depend on the chunk size, since each pass draws one tensor per group).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from miselbo.checkpoints import architecture_differences
+from miselbo.nvae.distributions import Normal, reconstruction_loss
+from miselbo.nvae.model import DECODER_MODULE_NAMES, AutoEncoder, EncoderFeatures
+
+__all__ = ["Ensemble", "EnsembleLogWeights", "share_decoder", "uses_shared_decoder",
+           "default_chunk_size", "naive_log_weights", "DEFAULT_PASS_ROWS"]
+
+# Rows (chunk x batch) of one decoder pass when no chunk size is given. On the 2-core CPU used for
+# development the per-row cost of the NVAE MNIST decoder rises beyond ~32 rows (cache), while GPUs
+# want thousands.
+DEFAULT_PASS_ROWS = {"cpu": 32, "cuda": 2048}
+
+
+def default_chunk_size(batch_size: int, num_samples: int, device: torch.device) -> int:
+    """Samples per example in one decoder pass: DEFAULT_PASS_ROWS[device] // batch_size, in [1, L]."""
+    rows = DEFAULT_PASS_ROWS.get(torch.device(device).type, DEFAULT_PASS_ROWS["cuda"])
+    return max(1, min(num_samples, rows // max(1, batch_size)))
+
+
+# ----------------------------------------------------------------------------- the shared decoder
+
+def _decoder_parts(model: AutoEncoder) -> dict:
+    """name -> module or parameter of every decoder part the model has (§6.10)."""
+    parts = {}
+    for name in DECODER_MODULE_NAMES:
+        value = getattr(model, name, None)
+        if isinstance(value, (nn.Module, nn.Parameter)):
+            parts[name] = value
+    return parts
+
+
+def share_decoder(source: AutoEncoder, target: AutoEncoder) -> None:
+    """Make `target` use `source`'s decoder modules and prior_ftr0 (the very objects), in place.
+
+    Afterwards the target's own decoder is unreferenced and freed; its encoder is untouched, and
+    its forward passes score with the shared decoder. The layer lists (all_conv_layers, ...) are
+    rebuilt so they do not keep the old decoder alive.
+    """
+    for name, part in _decoder_parts(source).items():
+        setattr(target, name, part)
+    target._collect_layers()
+
+
+def uses_shared_decoder(a: AutoEncoder, b: AutoEncoder) -> bool:
+    """True when a and b hold the very same decoder objects (see share_decoder)."""
+    parts_a, parts_b = _decoder_parts(a), _decoder_parts(b)
+    return parts_a.keys() == parts_b.keys() and all(parts_a[k] is parts_b[k] for k in parts_a)
+
+
+# ----------------------------------------------------------------------------- results
+
+class EnsembleLogWeights(NamedTuple):
+    """log_p [B, S, L] and log_q [B, S, L, S] (float64), the largest flow-inversion residual
+    (0.0 without flows) and, when recorded, each group's draws as [B, S, L, *latent_shape]:
+    latents_pre (the source's own pre-flow draw) and latents_post (what the decoder received)."""
+    log_p: torch.Tensor
+    log_q: torch.Tensor
+    max_flow_residual: float
+    latents_pre: list | None
+    latents_post: list | None
+
+
+@dataclass
+class _BatchContext:
+    """What one batch of x fixes: the input, every member's bottom-up features and the x-only part
+    of each group's posterior parameters (group 0: the complete Normal of all members)."""
+    x: torch.Tensor  # [B, C, H, W]
+    features: list  # S x EncoderFeatures
+    top_posterior: Normal  # group 0, parameters [1, B, S, L, h, w]
+    head_bases: list  # group g >= 1: [1, B, S, 2L, h, w] = Samp_j(F_j + bc_j); index 0 unused
+    latents: Sequence[torch.Tensor] | None
+    record: tuple | None  # (latents_pre, latents_post) lists being filled, or None
+
+
+class _PassState:
+    """Accumulators of one decoder pass of `rows = count * B` rows (float64)."""
+
+    def __init__(self, count: int, batch: int, num_members: int, device):
+        self.log_prior = torch.zeros(count * batch, dtype=torch.float64, device=device)  # [N]
+        self.log_q = torch.zeros(count, batch, num_members, dtype=torch.float64, device=device)
+        self.max_residual = 0.0
+
+
+# ----------------------------------------------------------------------------- the ensemble
+
+class Ensemble:
+    """S NVAE members sharing member 0's decoder; see the module docstring.
+
+    members: AutoEncoders of one architecture, all on one device. Only member 0's decoder is used.
+    check_decoders: refuse (ValueError) members whose decoder weights differ from member 0's,
+    unless they already share its decoder objects; pass False to score every member against
+    member 0's decoder on purpose. All members are put in eval mode.
+    """
+
+    def __init__(self, members: Sequence[AutoEncoder], check_decoders: bool = True):
+        if len(members) < 1:
+            raise ValueError("Ensemble: need at least one member (S >= 1), got none")
+        self.members = list(members)
+        self.decoder = self.members[0]
+        self._check_members(check_decoders)
+        for member in self.members:
+            member.eval()
+        self.num_members = len(self.members)
+        self.num_groups = self.decoder.num_groups
+        self.with_flows = self.decoder.with_nf
+        with torch.no_grad():
+            self._head_weights = [None] + [self._stacked_head(g) for g in range(1, self.num_groups)]
+
+    def _check_members(self, check_decoders: bool) -> None:
+        first = self.decoder
+        first_fingerprint = None
+        devices = {param.device for member in self.members for param in member.parameters()}
+        if len(devices) > 1:
+            raise ValueError(f"Ensemble: all members must be on one device, found {sorted(map(str, devices))}")
+        for index, member in enumerate(self.members[1:], start=2):
+            differences = architecture_differences(first.config, member.config)
+            if differences:
+                listed = "; ".join(f"--{flag}: {a!r} vs {b!r}" for flag, a, b in differences)
+                raise ValueError(f"Ensemble: member {index} has another architecture than member 1: {listed}")
+            if not check_decoders or uses_shared_decoder(first, member):
+                continue
+            first_fingerprint = first_fingerprint or first.decoder_fingerprint()
+            if member.decoder_fingerprint() != first_fingerprint:
+                raise ValueError(f"Ensemble: member {index}'s decoder differs from member 1's; MISELBO "
+                                 f"needs one shared decoder (pass check_decoders=False to use member 1's "
+                                 f"decoder for every member anyway)")
+
+    def _stacked_head(self, group: int) -> tuple[torch.Tensor, int, int]:
+        """(composed weight [S 2L, C_dec, k, k], padding, dilation) of group g >= 1's heads."""
+        composed = []
+        for member in self.members:
+            combiner = member.encoder_combiner(group).conv
+            sampler = member.enc_sampler[group]
+            _require_linear_heads(combiner, sampler, group)
+            w_comb = combiner.normalize_weight().double()[:, :, 0, 0]  # [C_enc, C_dec]
+            w_samp = sampler.normalize_weight().double()  # [2L, C_enc, k, k]
+            composed.append(torch.einsum("ocab,ci->oiab", w_samp, w_comb))  # [2L, C_dec, k, k]
+        sampler = self.decoder.enc_sampler[group]
+        return torch.cat(composed).float(), sampler.padding, sampler.dilation
+
+    # ------------------------------------------------------------------------- per batch
+
+    def _batch_context(self, x: torch.Tensor, num_samples: int, latents, record_latents: bool) -> _BatchContext:
+        features = [member.encode_bottom_up(x) for member in self.members]
+        top = torch.stack([member.enc_sampler[0](feat.top) for member, feat in zip(self.members, features)],
+                          dim=1)  # [B, S, 2L, h, w]
+        top_posterior = Normal(*torch.chunk(top.unsqueeze(0), 2, dim=3))  # [1, B, S, L, h, w]
+        bases = [None]
+        for group in range(1, self.num_groups):
+            bases.append(torch.stack([self._head_base(member, feat, group)
+                                      for member, feat in zip(self.members, features)], dim=1).unsqueeze(0))
+        record = None
+        if record_latents:
+            record = tuple([x.new_zeros(x.shape[0], self.num_members, num_samples, *shape)
+                            for shape in self.decoder.latent_shapes] for _ in range(2))
+        return _BatchContext(x, features, top_posterior, bases, latents, record)
+
+    @staticmethod
+    def _head_base(member: AutoEncoder, features: EncoderFeatures, group: int) -> torch.Tensor:
+        """Samp_j(F_j + bc_j): the x-only part of member j's raw posterior parameters, [B, 2L, h, w]."""
+        combiner_bias = member.encoder_combiner(group).conv.bias
+        return member.enc_sampler[group](features.bottom_up[group] + combiner_bias.view(1, -1, 1, 1))
+
+    # ------------------------------------------------------------------------- per group
+
+    def _posterior_all(self, ctx: _BatchContext, group: int, state: torch.Tensor, prior, count: int) -> Normal:
+        """Every member's posterior of group g on the decoder state [N, C, h, w]; parameters
+        [count, B, S, L, h, w] (or [1, B, S, L, h, w] for g = 0)."""
+        if group == 0:
+            return ctx.top_posterior
+        weight, padding, dilation = self._head_weights[group]
+        per_sample = F.conv2d(state, weight, None, 1, padding, dilation)  # [N, S 2L, h, w]
+        enc_param = ctx.head_bases[group] + per_sample.view(count, -1, *ctx.head_bases[group].shape[2:])
+        mu_raw, log_sigma_raw = torch.chunk(enc_param, 2, dim=3)  # [n, B, S, L, h, w]
+        if self.decoder.res_dist:
+            mu_raw = mu_raw + prior.mu_raw.view(count, -1, 1, *prior.mu_raw.shape[1:])
+            log_sigma_raw = log_sigma_raw + prior.log_sigma_raw.view(count, -1, 1, *prior.mu_raw.shape[1:])
+        return Normal(mu_raw, log_sigma_raw)
+
+    def _source_draw(self, ctx, posterior: Normal, group: int, source: int, start: int, count: int,
+                     generator) -> torch.Tensor:
+        """The source's pre-flow z of this pass, [count, B, L, h, w]: given, or eps * sigma + mu."""
+        batch = ctx.x.shape[0]
+        if ctx.latents is not None:
+            given = ctx.latents[group][:, source, start:start + count]  # [B, n, L, h, w]
+            return given.transpose(0, 1).to(ctx.x)
+        mu, sigma = posterior.mu[:, :, source], posterior.sigma[:, :, source]  # [n or 1, B, L, h, w]
+        eps = torch.randn((count, batch, *mu.shape[2:]), generator=generator, dtype=mu.dtype, device=mu.device)
+        return eps * sigma + mu
+
+    def _flow_context(self, ctx, group: int, source: int, state: torch.Tensor, count: int) -> torch.Tensor:
+        """The source's flow context (the input of its sampler conv), [N, C, h, w]."""
+        member, features = self.members[source], ctx.features[source]
+        if group == 0:
+            return _repeat_rows(features.top, count)
+        return member.encoder_combiner(group)(_repeat_rows(features.bottom_up[group], count), state)
+
+    def _points_per_member(self, group: int, source: int, z_pre: torch.Tensor, z_post: torch.Tensor,
+                           pass_state: _PassState) -> torch.Tensor:
+        """Where each member's base Normal is evaluated: [n, B, S or 1, L, h, w]. Without flows the
+        post-flow z itself (broadcast); with flows f_j^-1(z*) for j != s and the own pre-flow draw."""
+        if not self.with_flows:
+            return z_post.unsqueeze(2)
+        rows_shape = z_post.shape
+        flat_post = z_post.reshape(-1, *rows_shape[2:])
+        points = []
+        for index, member in enumerate(self.members):
+            if index == source:
+                points.append(z_pre)
+                continue
+            pre_image, residual = member.invert_flows(group, flat_post)
+            pass_state.max_residual = max(pass_state.max_residual, float(residual))
+            points.append(pre_image.view(rows_shape))
+        return torch.stack(points, dim=2)
+
+    # ------------------------------------------------------------------------- decoder passes
+
+    def _source_pass(self, ctx: _BatchContext, source: int, start: int, count: int, generator):
+        """One decoder pass for samples [start, start + count) of member `source`: returns
+        (log_p [B, count], log_q [B, count, S], max residual)."""
+        batch = ctx.x.shape[0]
+        pass_state = _PassState(count, batch, self.num_members, ctx.x.device)
+
+        def choose_z(group: int, state: torch.Tensor, prior) -> torch.Tensor:
+            posterior = self._posterior_all(ctx, group, state, prior, count)
+            z_pre = self._source_draw(ctx, posterior, group, source, start, count, generator)  # [n, B, L, h, w]
+            flat_pre = z_pre.reshape(count * batch, *z_pre.shape[2:])
+            if self.with_flows:
+                context = self._flow_context(ctx, group, source, state, count)
+                flat_post, _ = self.members[source].apply_flows(group, flat_pre, context)
+            else:
+                flat_post = flat_pre
+            z_post = flat_post.view(z_pre.shape)
+            points = self._points_per_member(group, source, z_pre, z_post, pass_state)
+            pass_state.log_q += posterior.log_p(points).sum(dim=(3, 4, 5)).double()  # [n, B, S]
+            prior_density = Normal(prior.mu_raw, prior.log_sigma_raw).log_p(flat_post)
+            pass_state.log_prior += prior_density.sum(dim=(1, 2, 3)).double()  # [N]
+            if ctx.record is not None:
+                ctx.record[0][group][:, source, start:start + count] = z_pre.transpose(0, 1)
+                ctx.record[1][group][:, source, start:start + count] = z_post.transpose(0, 1)
+            return flat_post
+
+        logits = self.decoder.top_down(count * batch, choose_z)
+        output = self.decoder.decoder_output(logits)
+        log_likelihood = -reconstruction_loss(output, _repeat_rows(ctx.x, count), self.decoder.crop_output)
+        log_p = (log_likelihood.double() + pass_state.log_prior).view(count, batch)
+        return log_p.transpose(0, 1), pass_state.log_q.transpose(0, 1), pass_state.max_residual
+
+    @torch.no_grad()
+    def log_weights(self, x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
+                    chunk_size: int | None = None, latents: Sequence[torch.Tensor] | None = None,
+                    record_latents: bool = False) -> EnsembleLogWeights:
+        """log_p [B, S, L], log_q [B, S, L, S] for x [B, C, H, W] and L = num_samples per member.
+
+        generator: draws (on x's device); None uses torch's global generator.
+        chunk_size: samples per example in one decoder pass (rows = chunk_size * B); None:
+        default_chunk_size. The result does not depend on it beyond the random draws.
+        latents: per group, the pre-flow draws [B, S, L, *latent_shape] to use instead of drawing
+        (e.g. a recorded run's latents_pre); then no random numbers are drawn.
+        record_latents: also return every draw (latents_pre, latents_post), same layout.
+        """
+        num_samples = _positive_int("num_samples", num_samples)
+        batch = x.shape[0]
+        chunk = default_chunk_size(batch, num_samples, x.device) if chunk_size is None \
+            else min(_positive_int("chunk_size", chunk_size), num_samples)
+        self._check_latents(latents, batch, num_samples)
+        ctx = self._batch_context(x, num_samples, latents, record_latents)
+        log_p = torch.empty(batch, self.num_members, num_samples, dtype=torch.float64, device=x.device)
+        log_q = torch.empty(batch, self.num_members, num_samples, self.num_members, dtype=torch.float64,
+                            device=x.device)
+        max_residual = 0.0
+        for source in range(self.num_members):
+            for start in range(0, num_samples, chunk):
+                count = min(chunk, num_samples - start)
+                part_p, part_q, residual = self._source_pass(ctx, source, start, count, generator)
+                log_p[:, source, start:start + count] = part_p
+                log_q[:, source, start:start + count] = part_q
+                max_residual = max(max_residual, residual)
+        recorded = ctx.record if ctx.record is not None else (None, None)
+        return EnsembleLogWeights(log_p, log_q, max_residual, *recorded)
+
+    def _check_latents(self, latents, batch: int, num_samples: int) -> None:
+        if latents is None:
+            return
+        if len(latents) != self.num_groups:
+            raise ValueError(f"log_weights: latents must hold {self.num_groups} per-group tensors, got {len(latents)}")
+        for group, (tensor, shape) in enumerate(zip(latents, self.decoder.latent_shapes)):
+            expected = (batch, self.num_members, num_samples, *shape)
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"log_weights: latents[{group}] must have shape {expected} = [B, S, L, "
+                                 f"*latent_shape], got {tuple(tensor.shape)}")
+
+
+# ----------------------------------------------------------------------------- the slow reference
+
+@torch.no_grad()
+def naive_log_weights(members: Sequence[AutoEncoder], x: torch.Tensor, latents_pre: Sequence[torch.Tensor],
+                      check_post=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log_p [B, S, L], log_q [B, S, L, S] (float64, CPU) by S*S*L full forward passes, one sample at a
+    time: the public MISELBO algorithm (reference doc §10.4) with its flow defect D5 fixed.
+
+    For source s and sample l: member s's full forward pass with its pre-flow draw
+    latents_pre[g][:, s, l] gives log p(x, z) and log q_s; for every other member j, a full forward
+    pass with z_pre = f_j^-1(z*) (j's inverse flows at the source's post-flow z*) gives log q_j.
+    All members must score with the same decoder. check_post(g, reproduced, expected), if given,
+    receives j's post-flow z and the source's (they should agree). For tests and benchmarks.
+    """
+    batch, num_members, num_samples = latents_pre[0].shape[:3]
+    log_p = torch.zeros(batch, num_members, num_samples, dtype=torch.float64)
+    log_q = torch.zeros(batch, num_members, num_samples, num_members, dtype=torch.float64)
+    for source in range(num_members):
+        for sample in range(num_samples):
+            own = members[source].forward_detailed(x, z=[z[:, source, sample] for z in latents_pre])
+            output = members[source].decoder_output(own.logits)
+            recon = reconstruction_loss(output, x, members[source].crop_output)
+            log_p[:, source, sample] = (-recon + own.log_p).double().cpu()
+            log_q[:, source, sample, source] = own.log_q.double().cpu()
+            post = [record.z_post for record in own.groups]
+            for other in range(num_members):
+                if other == source:
+                    continue
+                pre = [members[other].invert_flows(group, z)[0] for group, z in enumerate(post)]
+                scored = members[other].forward_detailed(x, z=pre)
+                if check_post is not None:
+                    for group, record in enumerate(scored.groups):
+                        check_post(group, record.z_post, post[group])
+                log_q[:, source, sample, other] = scored.log_q.double().cpu()
+    return log_p, log_q
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _repeat_rows(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, ...] -> [count * B, ...], row l * B + b = tensor[b] (the pass layout: sample-major)."""
+    return tensor.unsqueeze(0).expand(count, *tensor.shape).reshape(count * tensor.shape[0], *tensor.shape[1:])
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"log_weights: {name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _require_linear_heads(combiner: nn.Conv2d, sampler: nn.Conv2d, group: int) -> None:
+    """The composition needs a plain 1x1 combiner conv and a stride-1, ungrouped sampler conv."""
+    plain_1x1 = combiner.kernel_size == (1, 1) and combiner.stride == (1, 1) and combiner.padding == (0, 0) \
+        and combiner.groups == 1
+    if not plain_1x1 or sampler.stride != (1, 1) or sampler.groups != 1 or combiner.bias is None:
+        raise ValueError(f"Ensemble: group {group}'s posterior head is not a 1x1 combiner conv followed by a "
+                         f"stride-1 sampler conv, which NVAE always builds")

@@ -1,0 +1,152 @@
+"""Finding and loading the checkpoints of an ensemble: one decoder, S encoders.
+
+* `discover_demo_ensemble(models_dir)`: the ensemble under `models/` (a folder with a
+  `manifest.json` listing its checkpoints in order, e.g. `models/mnist5k_demo/`).
+* `expand_checkpoint_paths(paths)`: every argument is a checkpoint file, a run folder holding
+  `checkpoint.pt`, or an ensemble folder holding `manifest.json` (expanded to its list).
+* `load_members(paths, ...)`: loads every checkpoint safely and strictly, one at a time, checks
+  that all have the architecture of the first (naming the flags that differ) and the same decoder
+  fingerprint (naming the checkpoints that differ), then makes every member use the first member's
+  decoder modules, so memory holds one decoder.
+
+Data-set names: our checkpoints store NVAE's name in `args.dataset` ('mnist') and the data set the
+run read in `args.miselbo_dataset` ('mnist5k'); a file that stores 'mnist5k' in `args.dataset` is
+built as 'mnist' too (`miselbo.data.nvae_dataset_name`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from miselbo.checkpoints import (CHECKPOINT_FILE_NAME, CheckpointError, build_nvae_model,
+                                 checkpoint_decoder_fingerprint, load_nvae_checkpoint,
+                                 require_same_architecture)
+from miselbo.cli import UserError
+from miselbo.data import NVAE_EQUIVALENT
+from miselbo.ensemble import share_decoder
+from miselbo.nvae.model import AutoEncoder
+
+MANIFEST_FILE_NAME = "manifest.json"
+DEMO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+PREFERRED_DEMO = "mnist5k_demo"
+
+
+# ----------------------------------------------------------------------------- finding checkpoints
+
+def read_manifest(folder: Path) -> list[Path]:
+    """The checkpoint paths a `manifest.json` lists ({"checkpoints": [...]}), relative to its folder."""
+    manifest = folder / MANIFEST_FILE_NAME
+    try:
+        content = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the ensemble manifest {manifest}: {err}.") from err
+    listed = content.get("checkpoints") if isinstance(content, dict) else None
+    if not isinstance(listed, list) or not all(isinstance(item, str) for item in listed):
+        raise UserError(f"{manifest} must hold {{\"checkpoints\": [\"<path>\", ...]}} with the member "
+                        f"checkpoints in order (paths relative to {folder}).")
+    if not listed:
+        raise UserError(f"{manifest} lists no checkpoints; an ensemble needs at least one.")
+    return [folder / item for item in listed]
+
+
+def discover_demo_ensemble(models_dir: Path = DEMO_MODELS_DIR) -> list[Path]:
+    """The checkpoints of the ensemble in `models_dir`: the one folder with a manifest.json
+    (`mnist5k_demo` when there are several)."""
+    folders = sorted(path.parent for path in Path(models_dir).glob(f"*/{MANIFEST_FILE_NAME}"))
+    if not folders:
+        raise UserError(f"no checkpoints given and no ensemble in {models_dir} yet (a folder there with "
+                        f"a {MANIFEST_FILE_NAME} listing its checkpoints). Pass --checkpoints C1 C2 ... "
+                        f"(checkpoint files or run folders holding {CHECKPOINT_FILE_NAME}), or train an "
+                        f"ensemble first (see README.md).")
+    preferred = [folder for folder in folders if folder.name == PREFERRED_DEMO]
+    if len(folders) > 1 and not preferred:
+        raise UserError(f"no checkpoints given and several ensembles in {models_dir}: "
+                        f"{', '.join(f.name for f in folders)}; pass --checkpoints <folder> to choose one.")
+    return read_manifest((preferred or folders)[0])
+
+
+def expand_checkpoint_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Each path as given, except ensemble folders (manifest.json, no checkpoint.pt): their list."""
+    expanded = []
+    for path in map(Path, paths):
+        is_ensemble = path.is_dir() and (path / MANIFEST_FILE_NAME).is_file() \
+            and not (path / CHECKPOINT_FILE_NAME).is_file()
+        expanded += read_manifest(path) if is_ensemble else [path]
+    return expanded
+
+
+# ----------------------------------------------------------------------------- loading
+
+def model_args(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of checkpoint args with `dataset` the NVAE name the model is built for."""
+    return argparse.Namespace(**dict(vars(args), dataset=NVAE_EQUIVALENT.get(args.dataset, args.dataset)))
+
+
+def build_member_model(args: argparse.Namespace) -> AutoEncoder:
+    """load_nvae_checkpoint's model factory: NVAE's AutoEncoder for our data-set names too."""
+    return build_nvae_model(model_args(args))
+
+
+def evaluation_dataset_of(args: argparse.Namespace) -> str:
+    """The data set a checkpoint's run read: `miselbo_dataset` if recorded, else `dataset`."""
+    return getattr(args, "miselbo_dataset", None) or args.dataset
+
+
+@dataclass
+class LoadedMembers:
+    """The loaded ensemble: models (sharing models[0]'s decoder), the first checkpoint's args and
+    every checkpoint's decoder fingerprint. `decoder_problems` names each checkpoint whose decoder
+    differs from the first one's or from its own record (non-empty only when that was allowed)."""
+    paths: list[Path]
+    models: list[AutoEncoder]
+    args: argparse.Namespace
+    fingerprints: list[str]
+    decoder_problems: list[str] = field(default_factory=list)
+
+
+def load_members(paths: Sequence[str | Path], device: torch.device | str = "cpu", trust: bool = False,
+                 allow_decoder_mismatch: bool = False) -> LoadedMembers:
+    """Load the ensemble's checkpoints (see the module docstring); errors are CheckpointError/UserError.
+
+    The decoder fingerprint of a checkpoint is the one its `miselbo` entry records, else the hash of
+    its decoder weights; a recorded fingerprint that the weights do not reproduce counts as a
+    mismatch too. With allow_decoder_mismatch, mismatches are listed in `decoder_problems` instead.
+    """
+    if len(paths) == 0:
+        raise UserError("the checkpoint list is empty; pass at least one checkpoint (S >= 1).")
+    loaded = None
+    for path in map(Path, paths):
+        model, args, checkpoint = load_nvae_checkpoint(path, map_location=device, trust=trust,
+                                                       model_factory=build_member_model)
+        fingerprint = checkpoint_decoder_fingerprint(checkpoint, model)
+        problems = []
+        actual = model.decoder_fingerprint()
+        if fingerprint != actual:
+            problems.append(f"{path} records decoder fingerprint {fingerprint[:16]}... but its decoder "
+                            f"weights hash to {actual[:16]}... (edited or mislabelled file)")
+        if loaded is None:
+            loaded = LoadedMembers([], [], args, [])
+        else:
+            require_same_architecture(model_args(loaded.args), model_args(args), str(loaded.paths[0]),
+                                      str(path))
+            if fingerprint != loaded.fingerprints[0]:
+                problems.append(f"{path} has decoder {fingerprint[:16]}... but {loaded.paths[0]} has "
+                                f"{loaded.fingerprints[0][:16]}...")
+            share_decoder(loaded.models[0], model)
+        loaded.paths.append(path)
+        loaded.models.append(model)
+        loaded.fingerprints.append(fingerprint)
+        loaded.decoder_problems += problems
+    if loaded.decoder_problems and not allow_decoder_mismatch:
+        raise CheckpointError(
+            f"the checkpoints do not share one decoder: {'; '.join(loaded.decoder_problems)}. MISELBO "
+            f"scores every encoder's samples under one common p(x, z), so mixing decoders would compare "
+            f"different models. Train new encoders against the first checkpoint (train.py --train_new_q "
+            f"--p_and_q1_path ...), or pass --allow_decoder_mismatch to use the first checkpoint's decoder "
+            f"for every member anyway.")
+    return loaded

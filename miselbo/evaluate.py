@@ -1,0 +1,426 @@
+"""What miselbo_eval.py runs: MISELBO and related bounds for an NVAE ensemble given as checkpoints.
+
+    python miselbo_eval.py --checkpoints run1 run1_q2 run1_q3 --num_iw_samples 1000 --save results/ens
+
+With no checkpoint arguments it evaluates the demo ensemble in `models/` (a folder with a
+manifest.json). The flags of the public MISELBO script keep working (reference doc §10.4):
+
+  --q0 ... --q5           checkpoints, as in the public script (default None); they come first, in
+                          order, followed by --checkpoints. Any S >= 1 is allowed.
+  --num_iw_samples L      importance samples per encoder (default 1000).
+  --ablation              also evaluate every sub-ensemble of the first S' members (S' in --S_list,
+                          default 1..S) with the first L' samples (L' in --L_list, default
+                          1, 2, 3, 5, 10, 50, 100, 500, 1000 up to L, and L), from the same samples;
+                          writes <name>.csv and <name>.png in --save.
+  --ablation_file_name    <name> of those files (default "ablation"; a suffix such as .xlsx is dropped).
+  --save DIR              folder for results.json, samples.png and the ablation files (created).
+  --data DIR              data root for torchvision data sets (mnist5k needs none).
+  --eval_on_train         evaluate the training split instead of the test split.
+  --time_eval             report seconds per batch and per example (wall time is always reported).
+  --only_miselbo          report MISELBO only (same cost: the log-weights are computed once).
+  --only_iwelbo           report the members' IWELBOs only (same cost here, see design.md).
+  --seed N                seeds the data binarisation and every draw (used here; the public
+                          script ignored it).
+  --world_size N          split the examples over N local processes (torch.distributed; gloo on
+                          CPU, NCCL on CUDA); under torchrun the environment decides instead.
+  --local_rank, --master_address   torch.distributed.launch compatibility / rendezvous address.
+
+Determinism: MNIST images are binarised with a generator seeded from (seed, example index), and the
+draws of each batch with one seeded from (seed, index of the batch's first example). Shards are
+whole batches, so --world_size does not change any number; --batch_size and --chunk_size do
+(they change how the draws are grouped), and so do the device type and the torch version.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from miselbo import distributed
+from miselbo.cli import USER_ERRORS, UserError, progress, require_positive, resolve_device
+from miselbo.data import check_dataset_name, num_output_dims
+from miselbo.ensemble import Ensemble, default_chunk_size
+from miselbo.ensemble_loading import LoadedMembers, discover_demo_ensemble, expand_checkpoint_paths, load_members
+from miselbo.eval_data import STREAM_DRAWS, STREAM_SUBSETS, EvaluationExamples, derived_seed, evaluation_examples
+from miselbo.nvae.distributions import output_image
+from miselbo import results as report
+
+PROG = "miselbo_eval.py"
+NUM_PUBLIC_MEMBER_FLAGS = 6
+DEFAULT_L_GRID = (1, 2, 3, 5, 10, 50, 100, 500, 1000)
+CPU_BATCH_SIZE_CAP = 16
+NUM_PRIOR_SAMPLES, NUM_RECONSTRUCTED = 8, 4
+
+
+@dataclass
+class EvalSettings:
+    """Everything one evaluation needs (the CLI flags, resolved). See the module docstring."""
+    checkpoints: list
+    num_iw_samples: int = 1000
+    dataset: str | None = None  # None: the data set the first checkpoint's run read
+    data: str = "./data"
+    eval_on_train: bool = False
+    num_examples: int | None = None  # None: the whole split
+    batch_size: int | None = None  # None: the checkpoint's, at most 16 on CPU
+    chunk_size: int | None = None  # samples per example in one decoder pass; None: by device
+    estimators: tuple = report.DEFAULT_ESTIMATORS
+    subset_size: int | None = None  # for s2a / s2s; None: max(1, S // 2)
+    seed: int = 0
+    device: str = "auto"
+    save: str | None = None  # None: write no files
+    ablation: bool = False
+    ablation_file_name: str = "ablation"
+    S_list: tuple | None = None
+    L_list: tuple | None = None
+    time_eval: bool = False
+    world_size: int = 1
+    local_rank: int = 0
+    master_address: str = "127.0.0.1"
+    trust_checkpoint: bool = False
+    allow_decoder_mismatch: bool = False
+    show_progress: bool | None = None  # None: miselbo.cli.progress decides
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="MISELBO evaluation of an NVAE ensemble (one decoder, "
+                                     "S encoders). See the docstring of miselbo/evaluate.py.")
+    parser.add_argument("--checkpoints", nargs="*", default=None, metavar="PATH",
+                        help="member checkpoints in order: files, run folders holding checkpoint.pt, or "
+                             "ensemble folders holding manifest.json (default: the ensemble in models/)")
+    for index in range(NUM_PUBLIC_MEMBER_FLAGS):
+        parser.add_argument(f"--q{index}", default=None, metavar="PATH",
+                            help="a member checkpoint (public script's flag; placed before --checkpoints)")
+    parser.add_argument("--num_iw_samples", type=int, default=1000, help="importance samples L per encoder")
+    parser.add_argument("--ablation", action="store_true", help="sub-ensemble / fewer-sample ablation")
+    parser.add_argument("--ablation_file_name", default=None, help="base name of the ablation files")
+    parser.add_argument("--save", default="results/miselbo", help="output folder (created)")
+    parser.add_argument("--data", default="./data", help="data root for torchvision data sets")
+    parser.add_argument("--eval_on_train", action="store_true", help="evaluate the training split")
+    parser.add_argument("--time_eval", action="store_true", help="report seconds per batch and example")
+    parser.add_argument("--only_miselbo", action="store_true", help="report MISELBO only")
+    parser.add_argument("--only_iwelbo", action="store_true", help="report the members' IWELBOs only")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the binarisation and all draws")
+    parser.add_argument("--world_size", type=int, default=1, help="local processes to split the data over")
+    parser.add_argument("--local_rank", type=int, default=0, help="torch.distributed.launch compatibility")
+    parser.add_argument("--master_address", default="127.0.0.1", help="torch.distributed rendezvous address")
+    parser.add_argument("--dataset", default=None, help="data set to evaluate on (default: the checkpoint's)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help=f"examples per batch (default: the checkpoint's, at most {CPU_BATCH_SIZE_CAP} on CPU)")
+    parser.add_argument("--num_examples", type=int, default=None,
+                        help="evaluate this many examples, evenly spaced over the split (mnist5k is "
+                             "sorted by class, so a plain prefix would hold one digit)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--estimators", nargs="+", choices=report.ESTIMATOR_NAMES, default=None,
+                        help=f"estimators to report (default: {' '.join(report.DEFAULT_ESTIMATORS)})")
+    parser.add_argument("--subset_size", type=int, default=None, help="members drawn for s2a / s2s")
+    parser.add_argument("--S_list", nargs="+", type=int, default=None, help="ensemble sizes for --ablation")
+    parser.add_argument("--L_list", nargs="+", type=int, default=None, help="sample counts for --ablation")
+    parser.add_argument("--chunk_size", type=int, default=None,
+                        help="samples per example in one decoder pass (memory); default by device")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="load checkpoints with full pickle (only for files you trust)")
+    parser.add_argument("--allow_decoder_mismatch", action="store_true",
+                        help="evaluate even if the decoders differ, using the first checkpoint's for all")
+    return parser
+
+
+def _member_flags(args: argparse.Namespace) -> list[str]:
+    flags = [getattr(args, f"q{index}") for index in range(NUM_PUBLIC_MEMBER_FLAGS)]
+    return [path for path in flags if path not in (None, "None")]
+
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    """Resolve the parsed flags (checkpoint discovery, --only_* shortcuts) into EvalSettings."""
+    given = _member_flags(args) + list(args.checkpoints or [])
+    if not given and args.checkpoints is not None:
+        raise UserError("--checkpoints was given without any path; the checkpoint list is empty.")
+    paths = expand_checkpoint_paths(given) if given else discover_demo_ensemble()
+    if args.only_miselbo and args.only_iwelbo:
+        raise UserError("--only_miselbo and --only_iwelbo exclude each other.")
+    estimators = tuple(args.estimators) if args.estimators else report.DEFAULT_ESTIMATORS
+    if args.only_miselbo or args.only_iwelbo:
+        if args.estimators:
+            raise UserError("--estimators cannot be combined with --only_miselbo / --only_iwelbo.")
+        estimators = ("miselbo",) if args.only_miselbo else ("avg_iwelbo", "iwelbo")
+    base_name = Path(args.ablation_file_name).stem if args.ablation_file_name else "ablation"
+    return EvalSettings(
+        checkpoints=[str(path) for path in paths], num_iw_samples=args.num_iw_samples, dataset=args.dataset,
+        data=args.data, eval_on_train=args.eval_on_train, num_examples=args.num_examples,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, estimators=tuple(dict.fromkeys(estimators)),
+        subset_size=args.subset_size, seed=args.seed, device=args.device, save=args.save,
+        ablation=args.ablation, ablation_file_name=base_name,
+        S_list=tuple(args.S_list) if args.S_list else None, L_list=tuple(args.L_list) if args.L_list else None,
+        time_eval=args.time_eval, world_size=args.world_size, local_rank=args.local_rank,
+        master_address=args.master_address, trust_checkpoint=args.trust_checkpoint,
+        allow_decoder_mismatch=args.allow_decoder_mismatch)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: evaluate, print the table (rank 0 only), return the exit status."""
+    settings = settings_from_args(build_parser().parse_args(argv))
+    results = evaluate(settings)
+    if results is not None:
+        print(report.format_table(results))
+        if settings.save:
+            print(f"results written to {Path(settings.save) / 'results.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _validated(settings: EvalSettings) -> EvalSettings:
+    """Check every setting that needs no checkpoint; fill S_list / L_list / subset_size."""
+    num_members = len(settings.checkpoints)
+    if num_members == 0:
+        raise UserError("the checkpoint list is empty; pass at least one checkpoint (S >= 1).")
+    num_samples = require_positive("--num_iw_samples", settings.num_iw_samples)
+    for flag, value in (("--batch_size", settings.batch_size), ("--chunk_size", settings.chunk_size),
+                        ("--num_examples", settings.num_examples), ("--subset_size", settings.subset_size)):
+        if value is not None:
+            require_positive(flag, value)
+    require_positive("--world_size", settings.world_size)
+    unknown = [name for name in settings.estimators if name not in report.ESTIMATOR_NAMES]
+    if unknown or not settings.estimators:
+        raise UserError(f"--estimators: unknown or none {unknown}; choose from {', '.join(report.ESTIMATOR_NAMES)}.")
+    subset_size = settings.subset_size or max(1, num_members // 2)
+    if subset_size > num_members:
+        raise UserError(f"--subset_size {subset_size} exceeds the number of members S = {num_members}.")
+    sizes = settings.S_list or tuple(range(1, num_members + 1))
+    samples = settings.L_list or tuple(sorted({l for l in DEFAULT_L_GRID if l <= num_samples} | {num_samples}))
+    for flag, values, top in (("--S_list", sizes, num_members), ("--L_list", samples, num_samples)):
+        bad = [value for value in values if not 1 <= value <= top]
+        if bad:
+            raise UserError(f"{flag} values must lie in 1..{top}, got {bad}.")
+    if settings.dataset is not None:
+        check_dataset_name(settings.dataset)
+    return replace(settings, subset_size=subset_size, S_list=tuple(sorted(set(sizes))),
+                   L_list=tuple(sorted(set(samples))))
+
+
+def _prepare_save_folder(save: str | None) -> Path | None:
+    """Create --save (with parents) and make sure files can be written there, before any work."""
+    if save is None:
+        return None
+    folder = Path(save)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--save {save}: cannot create the output folder ({err.strerror or err}).") from None
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--save {save}: the output folder is not writable; choose another --save.")
+    return folder
+
+
+# ----------------------------------------------------------------------------- one process's share
+
+@dataclass
+class ShardValues:
+    """Per-example rows [n, K] of this process, their example indices, and diagnostics."""
+    indices: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    max_flow_residual: float = 0.0
+    batch_seconds: list = field(default_factory=list)
+
+
+def _shard_batches(num_examples: int, batch_size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
+    """Whole batches [start, stop) of this process: every world_size-th batch, from batch `rank`."""
+    starts = range(rank * batch_size, num_examples, world_size * batch_size)
+    return [(start, min(start + batch_size, num_examples)) for start in starts]
+
+
+def _evaluate_shard(ensemble: Ensemble, examples: EvaluationExamples, plan: report.ValuePlan,
+                    settings: EvalSettings, batches, device: torch.device, show: bool | None) -> ShardValues:
+    shard = ShardValues()
+    miselbo_column = plan.columns().index(("bound", "miselbo"))
+    running_sum, running_count = 0.0, 0
+    bar = progress(total=len(batches), desc="MISELBO", unit="batch",
+                   **({} if show is None else {"disable": not show}))
+    with bar:
+        for start, stop in batches:
+            began = time.perf_counter()
+            x = examples.batch(start, stop).to(device)
+            draws = torch.Generator(device=device).manual_seed(derived_seed(settings.seed, start, STREAM_DRAWS))
+            weights = ensemble.log_weights(x, settings.num_iw_samples, draws, settings.chunk_size)
+            subsets = torch.Generator().manual_seed(derived_seed(settings.seed, start, STREAM_SUBSETS))
+            rows = plan.per_example(weights.log_p, weights.log_q, subsets)
+            shard.indices.append(torch.arange(start, stop))
+            shard.rows.append(rows)
+            shard.max_flow_residual = max(shard.max_flow_residual, weights.max_flow_residual)
+            shard.batch_seconds.append(time.perf_counter() - began)
+            running_sum, running_count = running_sum + float(rows[:, miselbo_column].sum()), running_count + len(rows)
+            bar.set_postfix(miselbo=f"{running_sum / running_count:.3f}")
+            bar.update()
+    return shard
+
+
+def _gather(shard: ShardValues, num_columns: int, device: torch.device):
+    """(indices [N], rows [N, K] in example order, max residual, all batch seconds) on every process."""
+    indices = torch.cat(shard.indices) if shard.indices else torch.zeros(0, dtype=torch.int64)
+    rows = torch.cat(shard.rows) if shard.rows else torch.zeros(0, num_columns, dtype=torch.float64)
+    indices = distributed.all_gather_cat(indices.to(device)).cpu()
+    rows = distributed.all_gather_cat(rows.to(device)).cpu()
+    residual = distributed.all_gather_cat(torch.tensor([shard.max_flow_residual], device=device)).max().item()
+    seconds = distributed.all_gather_cat(torch.tensor(shard.batch_seconds, dtype=torch.float64, device=device))
+    order = torch.argsort(indices)
+    return indices[order], rows[order], residual, seconds.cpu().tolist()
+
+
+# ----------------------------------------------------------------------------- one process
+
+def _evaluate_here(settings: EvalSettings, device: torch.device, images) -> dict | None:
+    """Load, evaluate this process's shard, gather; on rank 0 assemble and write the results."""
+    began = time.perf_counter()
+    main_process = distributed.is_main_process()
+    members = load_members(settings.checkpoints, device, settings.trust_checkpoint,
+                           settings.allow_decoder_mismatch)
+    if members.decoder_problems and main_process:
+        print(f"{PROG}: WARNING: --allow_decoder_mismatch: {'; '.join(members.decoder_problems)}. Every "
+              f"member is scored with the decoder of {members.paths[0]}.", file=sys.stderr)
+    ensemble = Ensemble(members.models, check_decoders=False)  # checked and shared by load_members
+    examples = evaluation_examples(settings.dataset, settings.data, settings.eval_on_train, settings.num_examples,
+                                   settings.seed, members, images)
+    batch_size = settings.batch_size or _default_batch_size(members.args, device)
+    plan = report.ValuePlan(settings.estimators, ensemble.num_members, settings.subset_size,
+                            settings.S_list if settings.ablation else (),
+                            settings.L_list if settings.ablation else ())
+    batches = _shard_batches(len(examples), batch_size, distributed.rank(), distributed.world_size())
+    show = settings.show_progress if main_process else False
+    shard = _evaluate_shard(ensemble, examples, plan, settings, batches, device, show)
+    indices, rows, residual, seconds = _gather(shard, len(plan.columns()), device)
+    if not main_process:
+        return None
+    results = _assemble(settings, members, examples, plan, rows, residual, device, batch_size)
+    results["wall_seconds"] = time.perf_counter() - began
+    if settings.time_eval:
+        results["timing"] = {"batches": len(seconds), "seconds_per_batch": float(np.mean(seconds)),
+                             "seconds_per_example": float(np.sum(seconds)) / max(1, len(indices)),
+                             "note": "seconds summed over processes"}
+    if settings.save:
+        _write_outputs(Path(settings.save), settings, results, ensemble, examples, device)
+    return results
+
+
+def _default_batch_size(args: argparse.Namespace, device: torch.device) -> int:
+    stored = int(getattr(args, "batch_size", CPU_BATCH_SIZE_CAP) or CPU_BATCH_SIZE_CAP)
+    return min(stored, CPU_BATCH_SIZE_CAP) if device.type == "cpu" else stored
+
+
+def _assemble(settings, members: LoadedMembers, examples, plan, rows, residual, device, batch_size) -> dict:
+    results = {
+        "S": len(members.models), "L": settings.num_iw_samples, "num_examples": len(examples),
+        "dataset": examples.dataset, "split": "train" if settings.eval_on_train else "test",
+        "seed": settings.seed, "device": str(device), "world_size": distributed.world_size(),
+        "batch_size": batch_size,
+        "chunk_size": settings.chunk_size or default_chunk_size(batch_size, settings.num_iw_samples, device),
+        "num_output_dims": num_output_dims(examples.dataset),
+        "checkpoints": [{"path": str(path), "decoder_fingerprint": fingerprint}
+                        for path, fingerprint in zip(members.paths, members.fingerprints)],
+        "decoder_problems": members.decoder_problems,
+    }
+    results.update(report.summarise(plan, rows, results["num_output_dims"]))
+    if "s2a" in settings.estimators or "s2s" in settings.estimators:
+        results["subset_size"] = settings.subset_size
+    if members.models[0].with_nf:
+        results["flow_inversion_max_residual"] = residual
+    return results
+
+
+def _write_outputs(folder: Path, settings: EvalSettings, results: dict, ensemble: Ensemble,
+                   examples: EvaluationExamples, device: torch.device) -> None:
+    report.write_json(folder / "results.json", results)
+    if settings.ablation:
+        report.write_ablation_csv(folder / f"{settings.ablation_file_name}.csv", results["ablation"])
+        report.write_ablation_plot(folder / f"{settings.ablation_file_name}.png", results["ablation"])
+    prior, inputs, reconstructions = _sample_images(ensemble, examples, settings.seed, device)
+    report.write_samples_figure(folder / "samples.png", prior, inputs, reconstructions)
+
+
+@torch.no_grad()
+def _sample_images(ensemble: Ensemble, examples: EvaluationExamples, seed: int, device: torch.device):
+    """Prior samples of the decoder, a few inputs, and each member's reconstruction (mean images)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        decoder = ensemble.decoder
+        prior = output_image(decoder.decoder_output(decoder.sample(NUM_PRIOR_SAMPLES, 1.0)), mean=True)
+        inputs = examples.batch(0, min(NUM_RECONSTRUCTED, len(examples))).to(device)
+        reconstructions = [output_image(decoder.decoder_output(member(inputs)[0]), mean=True)
+                           for member in ensemble.members]
+    return prior.cpu(), inputs.cpu(), [image.cpu() for image in reconstructions]
+
+
+# ----------------------------------------------------------------------------- processes
+
+def evaluate(settings: EvalSettings, images: torch.Tensor | None = None) -> dict | None:
+    """Evaluate the ensemble and return the results dict (None on torchrun ranks other than 0).
+
+    images: evaluate these [N, C, H, W] model inputs instead of the data set (programmatic use).
+    With world_size > 1 (and no torchrun environment) spawns that many local processes.
+    """
+    settings = _validated(settings)
+    _prepare_save_folder(settings.save)
+    device = resolve_device(settings.device)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        return _run_process(settings, _environment_setup(settings, device), images)
+    if settings.world_size == 1:
+        return _evaluate_here(settings, device, images)
+    return _spawn(settings, device, images)
+
+
+def _environment_setup(settings: EvalSettings, device: torch.device) -> distributed.DistributedSetup:
+    """torchrun (or torch.distributed.launch, which passes --local_rank) describes the processes."""
+    local_rank = int(os.environ.get("LOCAL_RANK", settings.local_rank))
+    return distributed.DistributedSetup(
+        rank=int(os.environ["RANK"]), local_rank=local_rank, world_size=int(os.environ["WORLD_SIZE"]),
+        device_type=device.type, master_address=os.environ.get("MASTER_ADDR", settings.master_address),
+        master_port=int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ else None)
+
+
+def _run_process(settings: EvalSettings, setup: distributed.DistributedSetup, images) -> dict | None:
+    distributed.initialize(setup)
+    try:
+        return _evaluate_here(settings, setup.device, images)
+    finally:
+        distributed.shutdown()
+
+
+def _spawn(settings: EvalSettings, device: torch.device, images) -> dict:
+    """Run settings.world_size local processes; rank 0 hands its results back through a file."""
+    exchange = Path(tempfile.mkdtemp(prefix="miselbo_eval_"))
+    setups = distributed.node_setups(settings.world_size, 1, 0, device.type, settings.master_address)
+    worker = functools.partial(_spawned_worker, settings, images, exchange)
+    try:
+        try:
+            distributed.spawn_processes(worker, setups)
+        except Exception:
+            errors = sorted(exchange.glob("error*.txt"))
+            if errors:
+                raise UserError(errors[0].read_text(encoding="utf-8")) from None
+            raise
+        return json.loads((exchange / "results.json").read_text(encoding="utf-8"))
+    finally:
+        shutil.rmtree(exchange, ignore_errors=True)
+
+
+def _spawned_worker(settings: EvalSettings, images, exchange: Path, setup: distributed.DistributedSetup) -> None:
+    if setup.device_type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // setup.world_size))
+    try:
+        results = _run_process(settings, setup, images)
+    except USER_ERRORS as err:
+        (exchange / f"error{setup.rank}.txt").write_text(str(err), encoding="utf-8")
+        raise
+    if results is not None:
+        report.write_json(exchange / "results.json", results)

@@ -1,0 +1,220 @@
+"""From log-weights to reported numbers: per-example estimator values, their summary, the table,
+results.json, the ablation's CSV and plot, and the samples figure.
+
+Per batch, `ValuePlan.per_example` reduces log_p [B, S, L] and log_q [B, S, L, S] to one row of
+numbers per example (every requested estimator, every member's IWELBO and, for the ablation, every
+estimator of the sub-ensemble of the first S' members with the first L' samples). Rows of all
+batches (and all processes) are stacked in example order and summarised: the mean over examples
+(each example weighted equally) and its standard error std / sqrt(N) (ddof 1).
+
+Units: nats, log-likelihood sign (a bound on log p(x)); `nll_nats` = -mean and
+`nll_bpd` = nll_nats / (D ln 2), D = num_output_dims (784 for MNIST, 3072 for CIFAR-10). The JSD
+estimate is a divergence (nats, >= 0 in expectation): its nll fields are None.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from miselbo import estimators as est
+from miselbo.safe_io import atomic_write_bytes, atomic_write_text
+
+# Estimators reduced from the full tensors; "iwelbo" means every member's own IWELBO.
+BOUND_FUNCTIONS = {
+    "miselbo": est.miselbo,
+    "pooled": est.pooled_mis_bound,
+    "avg_iwelbo": est.average_iwelbo,
+    "avg_elbo": est.average_elbo,
+    "jsd": lambda log_p, log_q: est.jsd(log_q),
+}
+SUBSET_FUNCTIONS = {"s2a": est.some_to_all, "s2s": est.some_to_some}
+ESTIMATOR_NAMES = ("miselbo", "pooled", "avg_iwelbo", "iwelbo", "avg_elbo", "jsd", "s2a", "s2s")
+DEFAULT_ESTIMATORS = ("miselbo", "pooled", "avg_iwelbo", "iwelbo", "avg_elbo", "jsd")
+DIVERGENCES = ("jsd",)
+PRIOR_COLUMNS = 4
+
+
+# ----------------------------------------------------------------------------- per example
+
+@dataclass(frozen=True)
+class ValuePlan:
+    """Which per-example values to compute: `columns()` names them, `per_example` fills them.
+
+    Always present: miselbo, avg_iwelbo (for the running value and the gap) and every member's
+    IWELBO. ablation_sizes / ablation_samples: the S' and L' of the ablation grid (empty: none).
+    """
+    estimators: tuple
+    num_members: int
+    subset_size: int | None = None
+    ablation_sizes: tuple = ()
+    ablation_samples: tuple = ()
+
+    @property
+    def bounds(self) -> tuple:
+        """The full-tensor estimators computed: requested ones plus miselbo and avg_iwelbo."""
+        wanted = set(self.estimators) | {"miselbo", "avg_iwelbo"}
+        return tuple(name for name in BOUND_FUNCTIONS if name in wanted)
+
+    @property
+    def ablation_estimators(self) -> tuple:
+        return tuple(name for name in BOUND_FUNCTIONS if name in self.estimators)
+
+    def columns(self) -> list[tuple]:
+        columns = [("bound", name) for name in self.bounds]
+        columns += [("bound", name) for name in SUBSET_FUNCTIONS if name in self.estimators]
+        columns += [("member", index) for index in range(self.num_members)]
+        columns += [("ablation", size, samples, name) for size in self.ablation_sizes
+                    for samples in self.ablation_samples for name in self.ablation_estimators]
+        return columns
+
+    def per_example(self, log_p: torch.Tensor, log_q: torch.Tensor,
+                    subset_generator: torch.Generator | None = None) -> torch.Tensor:
+        """[B, K] float64 on the CPU, K = len(columns()), in column order."""
+        values = [BOUND_FUNCTIONS[name](log_p, log_q) for name in self.bounds]
+        for name, function in SUBSET_FUNCTIONS.items():
+            if name in self.estimators:
+                values.append(function(log_p, log_q, self.subset_size, generator=subset_generator))
+        values += list(est.iwelbo(log_p, log_q).unbind(dim=-1))
+        for size in self.ablation_sizes:
+            for samples in self.ablation_samples:
+                sub_p, sub_q = log_p[:, :size, :samples], log_q[:, :size, :samples, :size]
+                values += [BOUND_FUNCTIONS[name](sub_p, sub_q) for name in self.ablation_estimators]
+        return torch.stack(values, dim=1).cpu()
+
+
+# ----------------------------------------------------------------------------- summaries
+
+def mean_and_stderr(values: torch.Tensor) -> tuple[float, float | None]:
+    """Mean over examples and std / sqrt(N) (None for a single example)."""
+    mean = float(values.mean())
+    if values.numel() < 2:
+        return mean, None
+    return mean, float(values.std(unbiased=True)) / math.sqrt(values.numel())
+
+
+def estimate_entry(values: torch.Tensor, name: str, num_output_dims: int) -> dict:
+    """{"mean", "stderr", "nll_nats", "nll_bpd"} of one estimator's per-example values."""
+    mean, stderr = mean_and_stderr(values)
+    if name in DIVERGENCES:
+        return {"mean": mean, "stderr": stderr, "nll_nats": None, "nll_bpd": None}
+    return {"mean": mean, "stderr": stderr, "nll_nats": -mean, "nll_bpd": -mean / (num_output_dims * math.log(2))}
+
+
+def summarise(plan: ValuePlan, values: torch.Tensor, num_output_dims: int) -> dict:
+    """The estimator part of results.json from the stacked per-example values [N, K]."""
+    column = {key: index for index, key in enumerate(plan.columns())}
+    requested = [name for name in ESTIMATOR_NAMES if name in plan.estimators and name != "iwelbo"]
+    summary = {"estimators": {name: estimate_entry(values[:, column[("bound", name)]], name, num_output_dims)
+                              for name in requested}}
+    members = [mean_and_stderr(values[:, column[("member", index)]]) for index in range(plan.num_members)]
+    summary["iwelbo_per_member"] = [mean for mean, _ in members]
+    summary["iwelbo_per_member_stderr"] = [stderr for _, stderr in members]
+    gap = values[:, column[("bound", "miselbo")]] - values[:, column[("bound", "avg_iwelbo")]]
+    summary["delta"], summary["delta_stderr"] = mean_and_stderr(gap)
+    if plan.ablation_sizes:
+        summary["ablation"] = [
+            dict(S=size, L=samples, estimator=name,
+                 **estimate_entry(values[:, column[("ablation", size, samples, name)]], name, num_output_dims))
+            for size in plan.ablation_sizes for samples in plan.ablation_samples
+            for name in plan.ablation_estimators]
+    return summary
+
+
+# ----------------------------------------------------------------------------- text and files
+
+def _fmt(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(results: dict) -> str:
+    """The human-readable summary printed on stdout."""
+    lines = [f"MISELBO evaluation: S = {results['S']} encoder(s), L = {results['L']} sample(s) each, "
+             f"{results['num_examples']} {results['split']} example(s) of {results['dataset']}, "
+             f"seed {results['seed']}, {results['device']}, {results['wall_seconds']:.1f} s",
+             f"{'estimator':<14}{'mean (nats)':>14}{'stderr':>10}{'NLL (nats)':>13}{'bits/dim':>10}"]
+    for name, entry in results["estimators"].items():
+        lines.append(f"{name:<14}{_fmt(entry['mean']):>14}{_fmt(entry['stderr']):>10}"
+                     f"{_fmt(entry['nll_nats']):>13}{_fmt(entry['nll_bpd']):>10}")
+    for index, (mean, stderr) in enumerate(zip(results["iwelbo_per_member"], results["iwelbo_per_member_stderr"])):
+        lines.append(f"{'iwelbo q' + str(index + 1):<14}{_fmt(mean):>14}{_fmt(stderr):>10}{_fmt(-mean):>13}")
+    lines.append(f"delta = miselbo - avg_iwelbo: {_fmt(results['delta'])} nats (stderr {_fmt(results['delta_stderr'])})")
+    if "flow_inversion_max_residual" in results:
+        lines.append(f"largest flow-inversion residual: {results['flow_inversion_max_residual']:.3g}")
+    if results.get("decoder_problems"):
+        lines.append("WARNING: decoders differ (--allow_decoder_mismatch): every member used the first "
+                     "checkpoint's decoder.")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, results: dict) -> None:
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n", record_sha256=False)
+
+
+ABLATION_FIELDS = ("S", "L", "estimator", "mean", "stderr", "nll_nats", "nll_bpd")
+
+
+def write_ablation_csv(path: Path, rows: Sequence[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=ABLATION_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: ("" if row[key] is None else row[key]) for key in ABLATION_FIELDS})
+    atomic_write_text(path, buffer.getvalue(), record_sha256=False)
+
+
+def _figure_bytes(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def write_ablation_plot(path: Path, rows: Sequence[dict]) -> None:
+    """Bounds against L (log axis), one colour per ensemble size S'; MISELBO solid, the average
+    IWELBO dashed, the pooled bound dotted (where computed)."""
+    from matplotlib.figure import Figure  # Agg canvas, no display needed
+    styles = {"miselbo": "-", "avg_iwelbo": "--", "pooled": ":"}
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.add_subplot()
+    sizes = sorted({row["S"] for row in rows})
+    for colour_index, size in enumerate(sizes):
+        colour = f"C{colour_index}"
+        for name, style in styles.items():
+            points = sorted((row["L"], row["mean"]) for row in rows if row["S"] == size and row["estimator"] == name)
+            if points:
+                axes.plot(*zip(*points), style, color=colour, marker="o", markersize=3,
+                          label=f"{name}, S={size}")
+    axes.set_xscale("log")
+    axes.set_xlabel("L (importance samples per encoder)")
+    axes.set_ylabel("bound on log p(x) (nats)")
+    axes.legend(fontsize="small", ncol=2)
+    axes.grid(alpha=0.3)
+    atomic_write_bytes(path, _figure_bytes(figure), record_sha256=False)
+
+
+def write_samples_figure(path: Path, prior_images: torch.Tensor, inputs: torch.Tensor,
+                         reconstructions: Sequence[torch.Tensor]) -> None:
+    """Top: decoder prior samples (rows of PRIOR_COLUMNS). Bottom: rows of [input | reconstruction by
+    q1 | ... | qS] (mean images)."""
+    from matplotlib.figure import Figure
+    num_members = len(reconstructions)
+    columns = [inputs] + list(reconstructions)  # each [n, C, H, W]
+    grid = torch.cat([torch.cat(list(column), dim=1) for column in columns], dim=2)  # [C, nH, (S+1)W]
+    prior_rows = prior_images.shape[0] // PRIOR_COLUMNS
+    prior_grid = torch.cat([torch.cat(list(prior_images[row * PRIOR_COLUMNS:(row + 1) * PRIOR_COLUMNS]), dim=2)
+                            for row in range(prior_rows)], dim=1)  # [C, rows H, PRIOR_COLUMNS W]
+    figure = Figure(figsize=(max(4.0, 1.2 * (num_members + 1)), 2.5 + 1.2 * inputs.shape[0]))
+    top, bottom = figure.subplots(2, 1)
+    for axes, image, title in ((top, prior_grid, "decoder prior samples"),
+                               (bottom, grid, "input | " + " | ".join(f"q{j + 1}" for j in range(num_members)))):
+        array = image.permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+        axes.imshow(array[..., 0] if array.shape[-1] == 1 else array, cmap="gray", vmin=0, vmax=1)
+        axes.set_title(title, fontsize="small")
+        axes.axis("off")
+    atomic_write_bytes(path, _figure_bytes(figure), record_sha256=False)
