@@ -38,14 +38,20 @@ PREFERRED_DEMO = "mnist5k_demo"
 
 # ----------------------------------------------------------------------------- finding checkpoints
 
-def read_manifest(folder: Path) -> list[Path]:
-    """The checkpoint paths a `manifest.json` lists ({"checkpoints": [...]}), relative to its folder."""
+def _manifest_content(folder: Path) -> dict:
     manifest = folder / MANIFEST_FILE_NAME
     try:
         content = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read the ensemble manifest {manifest}: {err}.") from err
-    listed = content.get("checkpoints") if isinstance(content, dict) else None
+    return content if isinstance(content, dict) else {}
+
+
+def read_manifest(folder: Path) -> list[Path]:
+    """The checkpoint paths a `manifest.json` lists ({"checkpoints": [...]}), relative to its folder."""
+    manifest = folder / MANIFEST_FILE_NAME
+    content = _manifest_content(folder)
+    listed = content.get("checkpoints")
     if not isinstance(listed, list) or not all(isinstance(item, str) for item in listed):
         raise UserError(f"{manifest} must hold {{\"checkpoints\": [\"<path>\", ...]}} with the member "
                         f"checkpoints in order (paths relative to {folder}).")
@@ -54,9 +60,18 @@ def read_manifest(folder: Path) -> list[Path]:
     return [folder / item for item in listed]
 
 
-def discover_demo_ensemble(models_dir: Path = DEMO_MODELS_DIR) -> list[Path]:
-    """The checkpoints of the ensemble in `models_dir`: the one folder with a manifest.json
-    (`mnist5k_demo` when there are several)."""
+def read_eval_defaults(folder: Path) -> dict:
+    """The manifest's optional `eval_defaults` ({flag name: value}, e.g. num_iw_samples): what a
+    plain `miselbo_eval.py` uses for this ensemble where the user typed nothing."""
+    defaults = _manifest_content(folder).get("eval_defaults", {})
+    if not isinstance(defaults, dict):
+        raise UserError(f"{folder / MANIFEST_FILE_NAME}: eval_defaults must be an object of flag values.")
+    return defaults
+
+
+def discover_demo_folder(models_dir: Path = DEMO_MODELS_DIR) -> Path:
+    """The ensemble folder in `models_dir`: the one folder with a manifest.json (`mnist5k_demo`
+    when there are several)."""
     folders = sorted(path.parent for path in Path(models_dir).glob(f"*/{MANIFEST_FILE_NAME}"))
     if not folders:
         raise UserError(f"no checkpoints given and no ensemble in {models_dir} yet (a folder there with "
@@ -67,7 +82,12 @@ def discover_demo_ensemble(models_dir: Path = DEMO_MODELS_DIR) -> list[Path]:
     if len(folders) > 1 and not preferred:
         raise UserError(f"no checkpoints given and several ensembles in {models_dir}: "
                         f"{', '.join(f.name for f in folders)}; pass --checkpoints <folder> to choose one.")
-    return read_manifest((preferred or folders)[0])
+    return (preferred or folders)[0]
+
+
+def discover_demo_ensemble(models_dir: Path = DEMO_MODELS_DIR) -> list[Path]:
+    """The checkpoints of the ensemble `discover_demo_folder` finds."""
+    return read_manifest(discover_demo_folder(models_dir))
 
 
 def expand_checkpoint_paths(paths: Sequence[str | Path]) -> list[Path]:

@@ -7,7 +7,8 @@ manifest.json). The flags of the public MISELBO script keep working (reference d
 
   --q0 ... --q5           checkpoints, as in the public script (default None); they come first, in
                           order, followed by --checkpoints. Any S >= 1 is allowed.
-  --num_iw_samples L      importance samples per encoder (default 1000).
+  --num_iw_samples L      importance samples per encoder (default 1000; for the demo ensemble in
+                          models/, run without checkpoint flags, its manifest's eval_defaults).
   --ablation              also evaluate every sub-ensemble of the first S' members (S' in --S_list,
                           default 1..S) with the first L' samples (L' in --L_list, default
                           1, 2, 3, 5, 10, 50, 100, 500, 1000 up to L, and L), from the same samples;
@@ -51,13 +52,15 @@ from miselbo import distributed
 from miselbo.cli import USER_ERRORS, UserError, progress, require_positive, resolve_device
 from miselbo.data import check_dataset_name, num_output_dims
 from miselbo.ensemble import Ensemble, default_chunk_size
-from miselbo.ensemble_loading import LoadedMembers, discover_demo_ensemble, expand_checkpoint_paths, load_members
+from miselbo.ensemble_loading import (LoadedMembers, discover_demo_folder, expand_checkpoint_paths, load_members,
+                                      read_eval_defaults, read_manifest)
 from miselbo.eval_data import STREAM_DRAWS, STREAM_SUBSETS, EvaluationExamples, derived_seed, evaluation_examples
 from miselbo.nvae.distributions import output_image
 from miselbo import results as report
 
 PROG = "miselbo_eval.py"
 NUM_PUBLIC_MEMBER_FLAGS = 6
+DEFAULT_NUM_IW_SAMPLES = 1000  # the public script's default
 DEFAULT_L_GRID = (1, 2, 3, 5, 10, 50, 100, 500, 1000)
 CPU_BATCH_SIZE_CAP = 16
 NUM_PRIOR_SAMPLES, NUM_RECONSTRUCTED = 8, 4
@@ -67,7 +70,7 @@ NUM_PRIOR_SAMPLES, NUM_RECONSTRUCTED = 8, 4
 class EvalSettings:
     """Everything one evaluation needs (the CLI flags, resolved). See the module docstring."""
     checkpoints: list
-    num_iw_samples: int = 1000
+    num_iw_samples: int = DEFAULT_NUM_IW_SAMPLES
     dataset: str | None = None  # None: the data set the first checkpoint's run read
     data: str = "./data"
     eval_on_train: bool = False
@@ -103,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     for index in range(NUM_PUBLIC_MEMBER_FLAGS):
         parser.add_argument(f"--q{index}", default=None, metavar="PATH",
                             help="a member checkpoint (public script's flag; placed before --checkpoints)")
-    parser.add_argument("--num_iw_samples", type=int, default=1000, help="importance samples L per encoder")
+    parser.add_argument("--num_iw_samples", type=int, default=None,
+                        help=f"importance samples L per encoder (default {DEFAULT_NUM_IW_SAMPLES}, or the "
+                             f"demo ensemble's manifest value when no checkpoint is given)")
     parser.add_argument("--ablation", action="store_true", help="sub-ensemble / fewer-sample ablation")
     parser.add_argument("--ablation_file_name", default=None, help="base name of the ablation files")
     parser.add_argument("--save", default="results/miselbo", help="output folder (created)")
@@ -147,7 +152,12 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     given = _member_flags(args) + list(args.checkpoints or [])
     if not given and args.checkpoints is not None:
         raise UserError("--checkpoints was given without any path; the checkpoint list is empty.")
-    paths = expand_checkpoint_paths(given) if given else discover_demo_ensemble()
+    demo_folder = None if given else discover_demo_folder()
+    paths = expand_checkpoint_paths(given) if given else read_manifest(demo_folder)
+    defaults = read_eval_defaults(demo_folder) if demo_folder else {}
+    num_iw_samples = args.num_iw_samples
+    if num_iw_samples is None:
+        num_iw_samples = int(defaults.get("num_iw_samples", DEFAULT_NUM_IW_SAMPLES))
     if args.only_miselbo and args.only_iwelbo:
         raise UserError("--only_miselbo and --only_iwelbo exclude each other.")
     estimators = tuple(args.estimators) if args.estimators else report.DEFAULT_ESTIMATORS
@@ -157,7 +167,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         estimators = ("miselbo",) if args.only_miselbo else ("avg_iwelbo", "iwelbo")
     base_name = Path(args.ablation_file_name).stem if args.ablation_file_name else "ablation"
     return EvalSettings(
-        checkpoints=[str(path) for path in paths], num_iw_samples=args.num_iw_samples, dataset=args.dataset,
+        checkpoints=[str(path) for path in paths], num_iw_samples=num_iw_samples, dataset=args.dataset,
         data=args.data, eval_on_train=args.eval_on_train, num_examples=args.num_examples,
         batch_size=args.batch_size, chunk_size=args.chunk_size, estimators=tuple(dict.fromkeys(estimators)),
         subset_size=args.subset_size, seed=args.seed, device=args.device, save=args.save,
