@@ -365,7 +365,9 @@ def _sample_images(ensemble: Ensemble, examples: EvaluationExamples, seed: int, 
         torch.manual_seed(seed)
         decoder = ensemble.decoder
         prior = output_image(decoder.decoder_output(decoder.sample(NUM_PRIOR_SAMPLES, 1.0)), mean=True)
-        inputs = examples.batch(0, min(NUM_RECONSTRUCTED, len(examples))).to(device)
+        count = min(NUM_RECONSTRUCTED, len(examples))
+        spaced = [index * len(examples) // count for index in range(count)]  # mnist5k is sorted by class
+        inputs = torch.cat([examples.batch(index, index + 1) for index in spaced]).to(device)
         reconstructions = [output_image(decoder.decoder_output(member(inputs)[0]), mean=True)
                            for member in ensemble.members]
     return prior.cpu(), inputs.cpu(), [image.cpu() for image in reconstructions]

@@ -13,13 +13,13 @@ Everything lands in `--out` (`eval-p_and_q1/`, `eval-q2/`, ..., `results/`). Re-
 command continues: a stage whose checkpoint has all its epochs is skipped, an interrupted one
 resumes with `--cont_training`. Flags this module does not know are handed to every training stage
 unchanged (NVAE's flags: architecture, epochs, learning rate, ...), and override the preset.
-`--export DIR` copies the S checkpoints into a `models/`-style folder with a manifest.
+`--export DIR` writes the S checkpoints, without optimizer state, into a `models/`-style folder
+with a manifest.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ from typing import Sequence
 from miselbo import evaluate, training
 from miselbo.checkpoints import CHECKPOINT_FILE_NAME, read_checkpoint
 from miselbo.cli import UserError, progress, require_positive, run_cli
-from miselbo.safe_io import atomic_write_text
+from miselbo.safe_io import atomic_torch_save, atomic_write_text
 
 PROG = "python -m miselbo.pipeline"
 MANIFEST_FILE_NAME = "manifest.json"
@@ -161,17 +161,20 @@ def evaluation_argv(settings: PipelineSettings) -> list[str]:
     return argv
 
 
+def export_for_evaluation(source: Path, destination: Path) -> None:
+    """Write `source` to `destination` without its optimizer state (about 2/3 of a p_and_q file):
+    same NVAE format and weights, loadable by miselbo_eval.py and NVAE's evaluate.py, not resumable."""
+    checkpoint = read_checkpoint(source)
+    checkpoint["optimizer"] = None
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(checkpoint, destination)
+
+
 def export_ensemble(settings: PipelineSettings, target: Path) -> None:
-    """Copy the S checkpoints to target/<stage>/checkpoint.pt and write target/manifest.json."""
+    """Export the S checkpoints to target/<stage>/checkpoint.pt and write target/manifest.json."""
     entries = []
     for stage in settings.stage_names():
-        source = settings.checkpoint(stage)
-        destination = target / stage / CHECKPOINT_FILE_NAME
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, destination)
-        sidecar = source.with_name(source.name + ".sha256")
-        if sidecar.is_file():
-            shutil.copyfile(sidecar, destination.with_name(destination.name + ".sha256"))
+        export_for_evaluation(settings.checkpoint(stage), target / stage / CHECKPOINT_FILE_NAME)
         entries.append(f"{stage}/{CHECKPOINT_FILE_NAME}")
     manifest = {"checkpoints": entries, "dataset": settings.dataset, "seeds": list(settings.seeds),
                 "preset": settings.preset, "train_flags": list(settings.train_flags),

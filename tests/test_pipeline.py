@@ -2,8 +2,10 @@
 import json
 
 import pytest
+import torch
 
 from miselbo import pipeline
+from miselbo.checkpoints import read_checkpoint
 from miselbo.cli import UserError
 from miselbo.evaluate import main as evaluate_main
 
@@ -30,6 +32,12 @@ def test_main_job_trains_three_members_evaluates_and_exports(tmp_path, capsys):
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["checkpoints"] == ["p_and_q1/checkpoint.pt", "q2/checkpoint.pt", "q3/checkpoint.pt"]
     assert manifest["eval_defaults"] == {"num_iw_samples": 3}
+    exported = read_checkpoint(export / "q2" / "checkpoint.pt")
+    trained = read_checkpoint(out / "eval-q2" / "checkpoint.pt")
+    assert exported["optimizer"] is None and trained["optimizer"] is not None
+    assert exported["miselbo"] == trained["miselbo"]
+    for key, tensor in trained["state_dict"].items():
+        assert torch.equal(exported["state_dict"][key], tensor), key
     # the exported folder is an ensemble miselbo_eval.py takes as one argument
     assert evaluate_main(["--checkpoints", str(export), "--num_iw_samples", "2", "--num_examples", "4",
                           "--save", str(tmp_path / "again")]) == 0
