@@ -71,6 +71,10 @@ class PipelineSettings:
     eval_batch_size: int
     device: str
     export: Path | None
+    data: str | None = None
+
+    def data_flags(self) -> list[str]:
+        return [] if self.data is None else ["--data", self.data]
 
     def stage_names(self) -> list[str]:
         return ["p_and_q1"] + [f"q{member}" for member in range(2, self.num_encoders + 1)]
@@ -84,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="runs/mnist5k_demo", help="folder for every stage's output")
     parser.add_argument("--dataset", default="mnist5k", help="mnist5k (embedded), mnist or cifar10")
+    parser.add_argument("--data", default=None,
+                        help="data root of torchvision data sets, for training and evaluation "
+                             "(mnist5k needs none)")
     parser.add_argument("--num_encoders", type=int, default=3, help="ensemble size S")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="one seed per encoder (default 1..S)")
@@ -115,7 +122,7 @@ def parse_settings(argv: Sequence[str]) -> PipelineSettings:
         out=Path(args.out), dataset=args.dataset, num_encoders=args.num_encoders, seeds=seeds,
         preset=args.preset, train_flags=tuple(train_flags), num_iw_samples=args.num_iw_samples,
         num_eval_examples=args.num_eval_examples, eval_batch_size=args.eval_batch_size,
-        device=args.device, export=Path(args.export) if args.export else None)
+        device=args.device, export=Path(args.export) if args.export else None, data=args.data)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -131,7 +138,7 @@ def _finished_epochs(checkpoint: Path) -> tuple[int, int] | None:
 def training_argv(settings: PipelineSettings, stage: str, seed: int) -> list[str]:
     """train.py's command line for one stage (without --cont_training)."""
     argv = ["--root", str(settings.out), "--save", stage, "--seed", str(seed),
-            "--dataset", settings.dataset, "--device", settings.device]
+            "--dataset", settings.dataset, "--device", settings.device, *settings.data_flags()]
     argv += PRESETS[settings.preset] + list(settings.train_flags)
     if stage != "p_and_q1":
         argv += ["--train_new_q", "--p_and_q1_path", str(settings.checkpoint("p_and_q1").parent)]
@@ -155,7 +162,7 @@ def evaluation_argv(settings: PipelineSettings) -> list[str]:
     argv = ["--checkpoints", *[str(settings.checkpoint(stage)) for stage in settings.stage_names()],
             "--num_iw_samples", str(settings.num_iw_samples), "--batch_size", str(settings.eval_batch_size),
             "--save", str(settings.out / "results"), "--device", settings.device, "--ablation",
-            "--dataset", settings.dataset]
+            "--dataset", settings.dataset, *settings.data_flags()]
     if settings.num_eval_examples is not None:
         argv += ["--num_examples", str(settings.num_eval_examples)]
     return argv

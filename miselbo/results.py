@@ -154,7 +154,7 @@ def format_table(results: dict) -> str:
 
 
 def write_json(path: Path, results: dict) -> None:
-    atomic_write_text(path, json.dumps(results, indent=2) + "\n", record_sha256=False)
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")  # + results.json.sha256
 
 
 ABLATION_FIELDS = ("S", "L", "estimator", "mean", "stderr", "nll_nats", "nll_bpd")
@@ -166,7 +166,7 @@ def write_ablation_csv(path: Path, rows: Sequence[dict]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({key: ("" if row[key] is None else row[key]) for key in ABLATION_FIELDS})
-    atomic_write_text(path, buffer.getvalue(), record_sha256=False)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def _figure_bytes(figure) -> bytes:

@@ -59,9 +59,12 @@ def test_bad_pipeline_flags_are_refused(argv, message):
 
 
 def test_unknown_flags_go_to_every_training_stage_after_the_preset(tmp_path):
-    settings = pipeline.parse_settings(["--out", str(tmp_path), "--epochs", "3"])
+    settings = pipeline.parse_settings(["--out", str(tmp_path), "--epochs", "3", "--data", "/d"])
+    evaluation = pipeline.evaluation_argv(settings)
+    assert evaluation[evaluation.index("--data") + 1] == "/d"
     first = pipeline.training_argv(settings, "p_and_q1", 1)
     second = pipeline.training_argv(settings, "q2", 2)
     assert first[-2:] == ["--epochs", "3"] and "--train_new_q" not in first
+    assert first[first.index("--data") + 1] == "/d"
     assert second[second.index("--p_and_q1_path") + 1] == str(tmp_path / "eval-p_and_q1")
     assert second[second.index("--seed") + 1] == "2"
