@@ -1,0 +1,63 @@
+"""Size and eval-mode forward time of the NVAE MNIST paper configuration on this machine.
+
+    python benchmarks/forward_speed.py [--batch_size 16] [--repeats 7] [--device cpu]
+
+Configuration: 2 latent scales, 10 groups per scale with ada_groups ([10, 5]), 20 latents per
+group, 32 channels, SE, res_dist, no flows, 2 x 3 pre/post cells, 1 cell per group. Prints the
+parameter count and the median / minimum of `repeats` timed forward passes after 2 warm-up ones,
+then `RESULT {json}`.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from miselbo.cli import resolve_device
+from miselbo.nvae.config import default_nvae_args, get_arch_cells
+from miselbo.nvae.model import AutoEncoder
+
+PAPER_MNIST = dict(dataset="mnist", num_latent_scales=2, num_groups_per_scale=10, ada_groups=True,
+                   num_latent_per_group=20, num_channels_enc=32, num_channels_dec=32, use_se=True,
+                   res_dist=True, num_nf=0, num_preprocess_blocks=2, num_preprocess_cells=3,
+                   num_postprocess_blocks=2, num_postprocess_cells=3, num_cell_per_cond_enc=1,
+                   num_cell_per_cond_dec=1)
+
+
+def timed_forward(model: AutoEncoder, x: torch.Tensor) -> float:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    model(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    options = parser.parse_args()
+    device = resolve_device(options.device)
+    args = default_nvae_args(**PAPER_MNIST)
+    torch.manual_seed(0)
+    model = AutoEncoder(args, None, get_arch_cells(args.arch_instance)).to(device).eval()
+    x = (torch.rand(options.batch_size, 1, 32, 32, device=device) < 0.3).float()  # [B, 1, 32, 32]
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+        times = [timed_forward(model, x) for _ in range(options.repeats)]
+    result = {"device": device.type, "threads": torch.get_num_threads(), "batch_size": options.batch_size,
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "state_dict_entries": len(model.state_dict()), "groups_per_scale": model.groups_per_scale,
+              "forward_median_s": statistics.median(times), "forward_min_s": min(times)}
+    print(f"{result['parameters']:,} parameters; eval forward at batch {options.batch_size} on "
+          f"{device.type}: median {result['forward_median_s']:.3f} s, min {result['forward_min_s']:.3f} s")
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
