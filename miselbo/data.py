@@ -217,10 +217,15 @@ class Loaders:
     rank: int
 
 
+def mix_seed(*words: int) -> int:
+    """A 63-bit seed mixed from integers (numpy SeedSequence); each word is taken modulo 2^64."""
+    entropy = [word & _UINT64_MASK for word in words]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 def derived_seed(seed: int, global_step: int, rank: int, stream: str) -> int:
     """A 63-bit seed for one (seed, global step, rank, split) combination."""
-    entropy = [value & _UINT64_MASK for value in (seed, global_step, rank, _STREAMS[stream])]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return mix_seed(seed, global_step, rank, _STREAMS[stream])
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -7,20 +7,13 @@ derived_seed(seed, i, STREAM_DRAWS) and its S2A / S2S subsets from derived_seed(
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from miselbo.data import DataError, check_batch_for_dataset, check_dataset_name, image_format, load_dataset, pre_process
+from miselbo.data import DataError, mix_seed, check_batch_for_dataset, check_dataset_name, image_format, load_dataset, pre_process
 from miselbo.ensemble_loading import LoadedMembers, evaluation_dataset_of
 
 STREAM_BINARISE, STREAM_DRAWS, STREAM_SUBSETS = 1, 2, 3
-_UINT64_MASK = (1 << 64) - 1
-
-
-def derived_seed(*words: int) -> int:
-    """A 63-bit seed mixed from integers (numpy SeedSequence)."""
-    state = np.random.SeedSequence([word & _UINT64_MASK for word in words]).generate_state(1, np.uint64)[0]
-    return int(state >> np.uint64(1))
+derived_seed = mix_seed  # derived_seed(seed, example index, stream)
 
 
 class EvaluationExamples:
