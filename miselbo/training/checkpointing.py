@@ -71,10 +71,12 @@ class Progress:
                 "epoch_loss_count": self.epoch_loss_count}
 
 
-def miselbo_entry(fingerprint: str, lineage: Lineage, progress: Progress) -> dict:
+def miselbo_entry(fingerprint: str, lineage: Lineage, progress: Progress,
+                  extra: dict | None = None) -> dict:
+    """The entry above; `extra` adds keys (a joint run's component, num_components, objective)."""
     return {"decoder_fingerprint": fingerprint, "role": lineage.role, "seed": lineage.seed,
             "parent_path": lineage.parent_path, "parent_fingerprint": lineage.parent_fingerprint,
-            "resume": progress.resume_entry()}
+            "resume": progress.resume_entry(), **(extra or {})}
 
 
 def require_parent_decoder(fingerprint: str, lineage: Lineage, when: str) -> None:
@@ -87,14 +89,16 @@ def require_parent_decoder(fingerprint: str, lineage: Lineage, when: str) -> Non
 
 
 def save_training_checkpoint(folder: Path, model, args: argparse.Namespace, optimizer, scheduler,
-                             grad_scaler, progress: Progress, lineage: Lineage) -> Path:
-    """Write `<folder>/checkpoint.pt` atomically; a new encoder's decoder is checked first."""
+                             grad_scaler, progress: Progress, lineage: Lineage,
+                             target: Path | None = None, extra: dict | None = None) -> Path:
+    """Write `<folder>/checkpoint.pt` (or the file `target`) atomically; a new encoder's decoder
+    is checked first. `extra`: more keys for the miselbo entry."""
     fingerprint = model.decoder_fingerprint()
     require_parent_decoder(fingerprint, lineage, "before writing a checkpoint")
-    return save_nvae_checkpoint(folder / "checkpoint.pt", model, args, optimizer, scheduler,
+    return save_nvae_checkpoint(target or folder / "checkpoint.pt", model, args, optimizer, scheduler,
                                 grad_scaler, epoch=progress.epoch, global_step=progress.global_step,
                                 arch_instance=model.arch_instance,
-                                miselbo=miselbo_entry(fingerprint, lineage, progress))
+                                miselbo=miselbo_entry(fingerprint, lineage, progress, extra))
 
 
 def restore_training_state(checkpoint: dict, optimizer, scheduler, grad_scaler, source: Path) -> None:

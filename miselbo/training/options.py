@@ -32,7 +32,8 @@ LOCAL_FLAGS = ("root", "save", "cont_training", "num_proc_node", "node_rank", "l
                "global_rank", "num_process_per_node", "master_address", "device", "num_workers",
                "trust_checkpoint")
 # A new encoder's own identity, never taken from the parent it is trained against.
-NEW_ENCODER_OWN_FLAGS = ("seed", "train_new_q", "p_and_q1_path", "param_check")
+NEW_ENCODER_OWN_FLAGS = ("seed", "train_new_q", "p_and_q1_path", "param_check", "num_new_encoders",
+                         "mixture_objective", "num_active", "include_parent_encoder")
 
 _DESCRIPTION = """\
 Train an NVAE (decoder p and first encoder q1), or with --train_new_q another encoder against the
@@ -71,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--param_check", action="store_true",
                       help="with --train_new_q: re-check the decoder fingerprint after every epoch "
                            "and stop if it changed")
+    ours.add_argument("--num_new_encoders", type=int, default=1,
+                      help="with --train_new_q: train this many encoders in one run (seeds --seed, "
+                           "--seed + 1, ...), saved in <save folder>/component-1..K")
+    ours.add_argument("--mixture_objective", type=str, default="independent",
+                      choices=("independent", "miselbo", "s2a", "s2s"),
+                      help="with --num_new_encoders: each encoder's own NVAE objective "
+                           "(independent), or the mixture bound over all of them (miselbo), or its "
+                           "variants with --num_active components per step (s2a, s2s)")
+    ours.add_argument("--num_active", type=int, default=None,
+                      help="components that sample per step with --mixture_objective s2a or s2s")
+    ours.add_argument("--include_parent_encoder", action="store_true",
+                      help="with a mixture objective: the parent's encoder is a fixed member of "
+                           "the mixture (it is not trained)")
     ours.add_argument("--device", type=str, default="auto",
                       help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     ours.add_argument("--num_workers", type=int, default=0, help="data-loader worker processes")
@@ -156,6 +170,35 @@ def validate_modes(args: argparse.Namespace) -> None:
                  "--train_new_q to train a new encoder against that run's decoder.")
         _require(not args.param_check, "--param_check checks that the frozen decoder stays fixed, "
                  "so it needs --train_new_q (a p_and_q run trains its decoder).")
+    validate_joint(args)
+
+
+def validate_joint(args: argparse.Namespace) -> None:
+    """Refuse --num_new_encoders / --mixture_objective / --num_active settings that mean nothing."""
+    count = getattr(args, "num_new_encoders", 1)
+    objective = getattr(args, "mixture_objective", "independent")
+    active = getattr(args, "num_active", None)
+    include_parent = getattr(args, "include_parent_encoder", False)
+    _require(count >= 1, f"--num_new_encoders must be >= 1, got {count}.")
+    joint_flags = count > 1 or objective != "independent" or active is not None or include_parent
+    _require(args.train_new_q or not joint_flags, "--num_new_encoders, --mixture_objective, "
+             "--num_active and --include_parent_encoder train new encoders against a frozen "
+             "decoder, so they need --train_new_q and --p_and_q1_path.")
+    _require(args.seed + count - 1 <= MAX_SEED, f"--seed {args.seed} with --num_new_encoders {count}: "
+             f"the components' seeds --seed .. --seed + {count - 1} must stay <= {MAX_SEED}.")
+    if objective in ("s2a", "s2s"):
+        _require(active is not None and 1 <= active <= count, f"--mixture_objective {objective} "
+                 f"needs --num_active A with 1 <= A <= --num_new_encoders ({count}), got {active}.")
+    else:
+        _require(active is None, f"--num_active is only used with --mixture_objective s2a or s2s "
+                 f"(got --mixture_objective {objective}).")
+    _require(not include_parent or objective != "independent",
+             "--include_parent_encoder adds the parent to the mixture, so it needs --mixture_objective "
+             "miselbo, s2a or s2s (independent encoders do not see each other).")
+    _require(objective == "independent" or getattr(args, "num_nf", 0) == 0,
+             f"--mixture_objective {objective} scores every sample under every encoder, which this "
+             f"code does for models without flows only; the architecture has --num_nf "
+             f"{getattr(args, 'num_nf', 0)}. Use --mixture_objective independent.")
 
 
 def validate_architecture(args: argparse.Namespace) -> None:

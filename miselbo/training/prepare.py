@@ -13,6 +13,7 @@ from typing import Sequence
 from miselbo.checkpoints import CHECKPOINT_FILE_NAME, CheckpointError, read_checkpoint
 from miselbo.cli import UserError
 from miselbo.safe_io import UnwritableFolderError
+from miselbo.training.joint_checkpoints import first_component_checkpoint
 from miselbo.training.new_encoder import (parent_checkpoint_path, read_parent_args,
                                           refuse_parent_folder)
 from miselbo.training.options import (build_parser, experiment_folder, explicit_flags,
@@ -44,6 +45,8 @@ def resolve_run_args(argv: Sequence[str]) -> argparse.Namespace:
 def _own_checkpoint(args: argparse.Namespace) -> Path:
     folder = experiment_folder(args.root, args.save)
     path = folder / CHECKPOINT_FILE_NAME
+    if not path.is_file() and first_component_checkpoint(folder).is_file():
+        path = first_component_checkpoint(folder)  # a joint run (--num_new_encoders): its args
     if not path.is_file():
         raise CheckpointError(f"--cont_training: there is no {CHECKPOINT_FILE_NAME} to resume in "
                               f"{folder} (from --root {args.root} --save {args.save}). Check --root "
@@ -56,7 +59,8 @@ def prepare_save_folder(run_args: argparse.Namespace, is_writer: bool) -> Path:
     save_dir = Path(run_args.save)
     if run_args.train_new_q:
         refuse_parent_folder(save_dir, parent_checkpoint_path(run_args.p_and_q1_path))
-    if not run_args.cont_training and (save_dir / CHECKPOINT_FILE_NAME).exists():
+    existing = [save_dir / CHECKPOINT_FILE_NAME, first_component_checkpoint(save_dir)]
+    if not run_args.cont_training and any(path.exists() for path in existing):
         raise UserError(f"{save_dir} already holds a {CHECKPOINT_FILE_NAME} from an earlier run; "
                         f"add --cont_training to resume it, or choose another --save (or delete "
                         f"the folder) to start afresh.")

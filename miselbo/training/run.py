@@ -157,7 +157,12 @@ def _loaders(args, setup: DistributedSetup, device: torch.device):
 
 def run_training(args: argparse.Namespace, setup: DistributedSetup, device: torch.device,
                  resume_command: str) -> TrainResult:
-    """Set up this process's part of the run and train it to the end (or raise TrainingStopped)."""
+    """Set up this process's part of the run and train it to the end (or raise TrainingStopped).
+    Several new encoders (--num_new_encoders K > 1, --include_parent_encoder) train in
+    miselbo.training.joint; K = 1 without the parent is this single-encoder path unchanged."""
+    from miselbo.training.joint import is_joint_run, run_joint_training  # joint imports this module
+    if is_joint_run(args):
+        return run_joint_training(args, setup, device, resume_command)
     requests = StopRequests(announce=setup.rank == 0)
     with requests.installed():
         session = TrainingSession.open(args, setup, device, requests, resume_command)
