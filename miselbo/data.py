@@ -1,4 +1,4 @@
-"""Data sets and loaders: embedded `mnist5k`, torchvision MNIST and CIFAR-10 (reference doc §8.7).
+"""Data sets and loaders: embedded `mnist5k`, torchvision MNIST and CIFAR-10, and NVAE's other sets in a clone.
 
 Every item is `(image float32 [C, 32, 32], label int)`, like torchvision.
 
@@ -10,6 +10,8 @@ Every item is `(image float32 [C, 32, 32], label int)`, like torchvision.
   (`<root>/MNIST/raw`), downloaded there when missing and a network is reachable.
 * `cifar10`: torchvision CIFAR-10 (`<root>/cifar-10-batches-py`), random horizontal flip for
   training, values / 255.
+* any other name (omniglot, celeba_64, imagenet_32, ffhq, lsun_*, ...): only inside a clone of
+  NVAE, from the clone's own `datasets.py` (`miselbo.nvae_clone`); elsewhere refused.
 
 MNIST-like images are treated exactly as NVAE treats MNIST: 2 zero pixels of padding on every
 side (28 -> 32), values / 255, then dynamic binarisation (each pixel is 1 with probability equal
@@ -36,7 +38,7 @@ from miselbo.nvae import config
 
 DEFAULT_DATASET = "mnist5k"
 SUPPORTED_DATASETS = ("mnist5k", "mnist", "cifar10")
-# The names NVAE's train.py accepts (reference doc §1.1); all but mnist and cifar10 are refused.
+# The names NVAE's train.py accepts; outside an NVAE clone all but mnist and cifar10 are refused.
 NVAE_DATASETS = ("cifar10", "mnist", "omniglot", "celeba_64", "celeba_256", "imagenet_32", "ffhq",
                  "lsun_bedroom_128", "stacked_mnist", "lsun_church_128", "lsun_church_64")
 # The NVAE data set whose model settings (channels, likelihood, crop) a data set uses.
@@ -64,14 +66,19 @@ class ImageFormat:
 # ----------------------------------------------------------------------------- names and sizes
 
 def check_dataset_name(name: str) -> str:
-    """`name` if this project can load it, else a DataError listing what is supported."""
+    """`name` if it can be loaded (our own sets, or any name inside an NVAE clone), else a DataError."""
+    from miselbo import nvae_clone  # imports this module
     if name in SUPPORTED_DATASETS:
+        return name
+    if nvae_clone.find_clone_datasets() is not None:
+        nvae_clone.require_model_for(name)
         return name
     supported = ", ".join(SUPPORTED_DATASETS)
     if name in NVAE_DATASETS:
-        raise DataError(f"--dataset {name}: NVAE knows this data set but this project does not "
-                        f"support it; supported: {supported}.")
-    raise DataError(f"--dataset {name}: unknown data set; supported: {supported}.")
+        raise DataError(f"--dataset {name}: NVAE knows this data set but this project does not load "
+                        f"it itself (it loads {supported}); {nvae_clone.outside_clone_advice()}.")
+    raise DataError(f"--dataset {name}: unknown data set; supported: {supported} (inside a clone of "
+                    f"NVAE also the names its datasets.py knows).")
 
 
 def nvae_dataset_name(name: str) -> str:
@@ -87,7 +94,7 @@ def image_format(name: str) -> ImageFormat:
 
 
 def num_output_dims(dataset: str) -> int:
-    """Dimensions per image for bits/dim (§2.2): 784 for MNIST-like data, else 3·H·W."""
+    """Dimensions per image for bits/dim: 784 for MNIST-like data, else 3·H·W (as NVAE)."""
     return config.num_output_dims(NVAE_EQUIVALENT.get(dataset, dataset))
 
 
@@ -195,6 +202,9 @@ def load_dataset(name: str, root: str, train: bool, max_examples: int | None = N
                  download: bool = True) -> ImageDataset:
     """One split of a supported data set, transformed as NVAE does (see the module docstring)."""
     name = check_dataset_name(name)
+    if name not in SUPPORTED_DATASETS:
+        from miselbo.nvae_clone import clone_dataset
+        return clone_dataset(name, root, train).take(max_examples)
     if name == "mnist5k":
         images, labels = mnist5k_split(train)
     else:

@@ -1,0 +1,285 @@
+"""Inside a clone of NVAE: plain torch.load after `import train`, NVAE's data sets through the clone's
+own datasets.py (a stand-in written here, with NVAE's function names and return shapes, not NVAE's
+code), the refusal outside a clone, and no empty run folder after a refused or failed run."""
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from miselbo import nvae_clone
+from miselbo.data import DataError, check_dataset_name, load_dataset
+from test_train_common import REPO_ROOT, TINY_ARCH, quiet_env
+
+SCRIPTS = ("train.py", "model.py", "miselbo_eval.py")
+TRAIN_ITEMS, TEST_ITEMS = 48, 24
+
+# A stand-in for NVAE's datasets.py: get_loaders(args) / get_loaders_eval(dataset, args) returning
+# (train_queue, valid_queue, num_classes); items (image [C, 32, 32] in [0, 1], label). omniglot is
+# 28 x 28 padded to 32 and dynamically binarised with torch's global generator, imagenet_32 is
+# colour with a random flip, as NVAE's transforms do. Every call is appended to calls.txt in --data.
+STAND_IN = textwrap.dedent('''
+    """Stand-in for NVAE's datasets.py (test fixture)."""
+    import os
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+    {extra_import}
+
+    FORMATS = {{"omniglot": (1, 28, 2, True), "imagenet_32": (3, 32, 0, False)}}
+
+
+    class Synthetic(Dataset):
+        def __init__(self, count, channels, side, padding, binary, offset):
+            self.count, self.channels, self.side = count, channels, side
+            self.padding, self.binary, self.offset = padding, binary, offset
+
+        def __len__(self):
+            return self.count
+
+        def __getitem__(self, index):
+            fixed = torch.Generator().manual_seed(self.offset + index)
+            image = torch.rand(self.channels, self.side, self.side, generator=fixed)
+            image = torch.nn.functional.pad(image, (self.padding,) * 4)
+            if self.binary:
+                image = torch.bernoulli(image)
+            elif torch.rand(()) < 0.5:
+                image = image.flip(-1)
+            return image, index % 10
+
+
+    def get_loaders(args):
+        return get_loaders_eval(args.dataset, args)
+
+
+    def get_loaders_eval(dataset, args):
+        if dataset not in FORMATS:
+            raise NotImplementedError("stand-in: unknown dataset " + dataset)
+        with open(os.path.join(args.data, "calls.txt"), "a") as log:
+            log.write(dataset + " distributed=" + str(args.distributed) + "\\n")
+        train = Synthetic({train_items}, *FORMATS[dataset], offset=0)
+        valid = Synthetic({test_items}, *FORMATS[dataset], offset=10000)
+        train_queue = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True)
+        valid_queue = DataLoader(valid, batch_size=args.batch_size, shuffle=False)
+        return train_queue, valid_queue, 10
+''')
+
+
+def write_clone(folder, extra_import="", with_scripts=False):
+    """A fake NVAE clone in `folder`: the stand-in datasets.py (and our three scripts)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "datasets.py").write_text(STAND_IN.format(extra_import=extra_import, train_items=TRAIN_ITEMS,
+                                                        test_items=TEST_ITEMS))
+    if with_scripts:
+        for name in SCRIPTS:
+            shutil.copy(REPO_ROOT / name, folder / name)
+    (folder / "data").mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def clone_on_path(tmp_path, monkeypatch):
+    """The stand-in clone on sys.path, as when a script runs from the clone's folder."""
+    folder = write_clone(tmp_path / "NVAE")
+    monkeypatch.syspath_prepend(str(folder))
+    return folder
+
+
+# ----------------------------------------------------------------------------- torch.load after import train
+
+def _fresh_python(code: str, cwd) -> subprocess.CompletedProcess:
+    env = dict(quiet_env(), PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _tiny_checkpoint(path):
+    from miselbo.checkpoints import save_nvae_checkpoint
+    from miselbo.nvae.config import get_arch_cells
+    from miselbo.nvae.model import AutoEncoder
+    from miselbo.training.options import build_parser
+    args = build_parser().parse_args(TINY_ARCH)
+    args.dataset = "mnist"
+    torch.manual_seed(0)
+    model = AutoEncoder(args, None, get_arch_cells(args.arch_instance))
+    save_nvae_checkpoint(path, model, args, miselbo={"role": "p_and_q", "seed": 1})
+    return model
+
+
+def test_plain_torch_load_reads_a_project_checkpoint_only_after_import_train(tmp_path):
+    model = _tiny_checkpoint(tmp_path / "checkpoint.pt")
+    torch.save(model.state_dict(), tmp_path / "expected.pt")
+    code = textwrap.dedent("""
+        import pickle, torch
+        try:
+            torch.load("checkpoint.pt")
+            print("loaded before import train")
+        except pickle.UnpicklingError as err:
+            print("refused before import train:", "argparse.Namespace" in str(err))
+        import train
+        checkpoint = torch.load("checkpoint.pt")  # default arguments, as NVAE's evaluate.py
+        expected = torch.load("expected.pt")
+        same = all(torch.equal(checkpoint["state_dict"][k], v) for k, v in expected.items())
+        print("after:", type(checkpoint["args"]).__name__, checkpoint["args"].dataset,
+              len(checkpoint["state_dict"]) == len(expected), same)
+    """)
+    done = _fresh_python(code, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["refused before import train: True", "after: Namespace mnist True True"]
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: the classic malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_malicious_checkpoint_is_still_refused_by_plain_torch_load_after_import_train(tmp_path):
+    marker = tmp_path / "code_ran"
+    torch.save({"args": _RunsCode(marker), "state_dict": {}}, tmp_path / "evil.pt")
+    torch.save({"args": pickle.Pickler, "state_dict": {}}, tmp_path / "other_type.pt")
+    code = textwrap.dedent("""
+        import pickle, torch, train
+        for name in ("evil.pt", "other_type.pt"):
+            try:
+                torch.load(name)
+                print(name, "loaded")
+            except pickle.UnpicklingError as err:
+                print(name, "refused", "weights only load failed" in str(err).lower())
+    """)
+    done = _fresh_python(code, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["evil.pt refused True", "other_type.pt refused True"]
+    assert not marker.exists()
+
+
+def test_the_registered_types_are_exactly_the_loader_allow_list(tmp_path):
+    code = ("import torch\nbefore = set(torch.serialization.get_safe_globals())\nimport train\n"
+            "from miselbo.checkpoints import SAFE_CHECKPOINT_GLOBALS\n"
+            "added = set(torch.serialization.get_safe_globals()) - before\n"
+            "print(sorted(g.__qualname__ for g in added), added == set(SAFE_CHECKPOINT_GLOBALS))")
+    done = _fresh_python(code, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['Namespace'] True"
+
+
+# ----------------------------------------------------------------------------- data sets
+
+def test_outside_a_clone_nvae_names_are_refused_saying_what_to_do():
+    assert nvae_clone.find_clone_datasets() is None
+    with pytest.raises(DataError) as refused:
+        check_dataset_name("omniglot")
+    message = str(refused.value)
+    assert "clone of NVAE" in message and "datasets.py" in message and "pip install lmdb" in message
+    with pytest.raises(DataError, match="unknown data set"):
+        check_dataset_name("not_a_dataset")
+
+
+def test_a_datasets_py_without_nvae_functions_is_not_taken_for_a_clone(tmp_path, monkeypatch):
+    (tmp_path / "datasets.py").write_text("def load():\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert nvae_clone.find_clone_datasets() is None
+
+
+def test_in_a_clone_its_loader_provides_nvae_data_sets(clone_on_path):
+    assert nvae_clone.find_clone_datasets() == clone_on_path / "datasets.py"
+    data = str(clone_on_path / "data")
+    train_set = load_dataset("omniglot", data, train=True)
+    test_set = load_dataset("omniglot", data, train=False, max_examples=5)
+    assert (len(train_set), len(test_set)) == (TRAIN_ITEMS, 5)
+    image, label = train_set[3]
+    assert image.shape == (1, 32, 32) and label == 3
+    assert set(image.unique().tolist()) <= {0.0, 1.0}
+    assert float(image[:, :2].abs().sum()) == 0.0  # the stand-in's zero padding came through
+    calls = (clone_on_path / "data" / "calls.txt").read_text().splitlines()
+    assert calls == ["omniglot distributed=False"]  # both splits from one call, no sampler
+
+
+def test_clone_items_are_drawn_reproducibly_per_seed_and_index(clone_on_path):
+    images = load_dataset("omniglot", str(clone_on_path / "data"), train=True)
+    images.reseed(7)
+    first = torch.stack([images[i][0] for i in range(6)])
+    torch.rand(100)  # the global generator moves on; the items must not depend on it
+    images.reseed(7)
+    again = torch.stack([images[i][0] for i in range(6)])
+    images.reseed(8)
+    other = torch.stack([images[i][0] for i in range(6)])
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    state = torch.get_rng_state()
+    images[0]
+    assert torch.equal(state, torch.get_rng_state())  # drawing an item leaves the global state alone
+
+
+def test_clone_refusals_name_the_problem(clone_on_path):
+    data = str(clone_on_path / "data")
+    with pytest.raises(DataError, match="celeba_64.*NotImplementedError"):
+        load_dataset("celeba_64", data, train=True)
+    with pytest.raises(DataError, match="no input size"):
+        check_dataset_name("stacked_mnist")
+
+
+def test_a_clone_whose_datasets_module_needs_lmdb_says_pip_install_lmdb(tmp_path, monkeypatch):
+    folder = write_clone(tmp_path / "NVAE", extra_import="import lmdb")
+    monkeypatch.syspath_prepend(str(folder))
+    # lmdb must be absent for this test to mean anything
+    assert subprocess.run([sys.executable, "-c", "import lmdb"], capture_output=True).returncode != 0
+    with pytest.raises(DataError) as failed:
+        load_dataset("omniglot", str(folder / "data"), train=True)
+    assert "No module named 'lmdb'" in str(failed.value) and "pip install lmdb" in str(failed.value)
+
+
+# ----------------------------------------------------------------------------- end to end, in a clone
+
+def _run_script(folder, script, *argv):
+    return subprocess.run([sys.executable, script, *argv], cwd=folder, env=quiet_env(), capture_output=True,
+                          text=True, timeout=600)
+
+
+QUICK_CLONE = ["--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0", "--final_iw_samples", "2",
+               "--num_workers", "0"]
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_a_data_set_only_the_clone_knows(tmp_path):
+    folder = write_clone(tmp_path / "NVAE", with_scripts=True)
+    arch = [token for token in TINY_ARCH if token not in ("--dataset", "mnist5k")]
+    trained = _run_script(folder, "train.py", "--dataset", "omniglot", "--data", "data", "--root", "runs",
+                          "--save", "omni", *arch, *QUICK_CLONE)
+    assert trained.returncode == 0, trained.stderr
+    result = json.loads((folder / "runs" / "eval-omni" / "train_result.json").read_text())
+    assert result["global_step"] == TRAIN_ITEMS // 8
+    checkpoint = torch.load(folder / "runs" / "eval-omni" / "checkpoint.pt", weights_only=False)
+    assert (checkpoint["args"].dataset, checkpoint["args"].miselbo_dataset) == ("omniglot", "omniglot")
+    evaluated = _run_script(folder, "miselbo_eval.py", "--checkpoints", "runs/eval-omni", "--num_iw_samples",
+                            "3", "--data", "data", "--save", "results", "--device", "cpu")
+    assert evaluated.returncode == 0, evaluated.stderr
+    results = json.loads((folder / "results" / "results.json").read_text())
+    assert (results["dataset"], results["num_examples"], results["S"], results["L"]) == (
+        "omniglot", TEST_ITEMS, 1, 3)
+    assert results["num_output_dims"] == 28 * 28
+    for name in ("miselbo", "avg_iwelbo", "avg_elbo"):
+        assert torch.isfinite(torch.tensor(results["estimators"][name]["mean"]))
+    # S = 1: MISELBO is the member's IWELBO, and IWELBO >= ELBO on the same samples
+    assert results["estimators"]["miselbo"]["mean"] == pytest.approx(results["estimators"]["avg_iwelbo"]["mean"])
+    assert results["estimators"]["avg_iwelbo"]["mean"] >= results["estimators"]["avg_elbo"]["mean"]
+    assert "omniglot distributed=False" in (folder / "data" / "calls.txt").read_text()
+
+
+@pytest.mark.slow
+def test_a_colour_data_set_of_the_clone_trains_with_the_logistic_mixture(tmp_path):
+    folder = write_clone(tmp_path / "NVAE", with_scripts=True)
+    arch = [token for token in TINY_ARCH if token not in ("--dataset", "mnist5k")]
+    trained = _run_script(folder, "train.py", "--dataset", "imagenet_32", "--data", "data", "--root", "runs",
+                          "--save", "colour", "--num_mixture_dec", "2", *arch, *QUICK_CLONE)
+    assert trained.returncode == 0, trained.stderr
+    result = json.loads((folder / "runs" / "eval-colour" / "train_result.json").read_text())
+    # 3 x 32 x 32 data: bits/dim divide by 3072 dimensions
+    assert result["test_neg_log_p_bpd"] == pytest.approx(result["test_neg_log_p"] / (3072 * 0.6931471805599453))
