@@ -52,6 +52,7 @@ from miselbo import distributed
 from miselbo.cli import USER_ERRORS, UserError, progress, require_positive, resolve_device
 from miselbo.data import check_dataset_name, num_output_dims
 from miselbo.ensemble import Ensemble, default_chunk_size
+from miselbo.folders import removed_if_left_empty
 from miselbo.ensemble_loading import (LoadedMembers, discover_demo_folder, expand_checkpoint_paths, load_members,
                                       read_eval_defaults, read_manifest)
 from miselbo.eval_data import STREAM_DRAWS, STREAM_SUBSETS, EvaluationExamples, derived_seed, evaluation_examples
@@ -382,13 +383,14 @@ def evaluate(settings: EvalSettings, images: torch.Tensor | None = None) -> dict
     With world_size > 1 (and no torchrun environment) spawns that many local processes.
     """
     settings = _validated(settings)
-    _prepare_save_folder(settings.save)
-    device = resolve_device(settings.device)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        return _run_process(settings, _environment_setup(settings, device), images)
-    if settings.world_size == 1:
-        return _evaluate_here(settings, device, images)
-    return _spawn(settings, device, images)
+    with removed_if_left_empty(settings.save):  # a failed run leaves no empty --save folder behind
+        _prepare_save_folder(settings.save)
+        device = resolve_device(settings.device)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+            return _run_process(settings, _environment_setup(settings, device), images)
+        if settings.world_size == 1:
+            return _evaluate_here(settings, device, images)
+        return _spawn(settings, device, images)
 
 
 def _environment_setup(settings: EvalSettings, device: torch.device) -> distributed.DistributedSetup:

@@ -283,3 +283,52 @@ def test_a_colour_data_set_of_the_clone_trains_with_the_logistic_mixture(tmp_pat
     result = json.loads((folder / "runs" / "eval-colour" / "train_result.json").read_text())
     # 3 x 32 x 32 data: bits/dim divide by 3072 dimensions
     assert result["test_neg_log_p_bpd"] == pytest.approx(result["test_neg_log_p"] / (3072 * 0.6931471805599453))
+
+
+# ----------------------------------------------------------------------------- no empty folders after a failure
+
+def test_removed_if_left_empty_removes_only_the_empty_folders_it_saw_missing(tmp_path):
+    from miselbo.folders import removed_if_left_empty
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for folder, write_file in ((tmp_path / "new" / "deeper" / "eval-x", False), (existing / "eval-y", True),
+                               (existing, False)):
+        with pytest.raises(RuntimeError), removed_if_left_empty(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            if write_file:
+                (folder / "log.txt").write_text("kept")
+            raise RuntimeError("the run failed")
+    assert not (tmp_path / "new").exists()  # created by the run, empty: gone, parents included
+    assert (existing / "eval-y" / "log.txt").read_text() == "kept"  # holds something: kept
+    assert existing.is_dir()  # existed before: kept
+    with removed_if_left_empty(tmp_path / "fine"):
+        (tmp_path / "fine").mkdir()
+    assert (tmp_path / "fine").is_dir()  # success: untouched
+
+
+def test_a_training_run_failing_after_creating_its_folder_leaves_none(tmp_path, capsys):
+    from miselbo.training import main
+    status = main(["--root", str(tmp_path / "runs"), "--save", "too_few", *TINY_ARCH, "--num_train_examples", "4",
+                   "--batch_size", "16", "--epochs", "1"])
+    assert status == 2 and "no full batch" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_training_run_whose_clone_loader_fails_leaves_no_folder(clone_on_path, tmp_path, capsys):
+    from miselbo.training import main
+    arch = [token for token in TINY_ARCH if token not in ("--dataset", "mnist5k")]
+    root = tmp_path / "runs"
+    root.mkdir()
+    status = main(["--root", str(root), "--save", "celeb", "--dataset", "celeba_64", "--data",
+                   str(clone_on_path / "data"), *arch, "--epochs", "1"])
+    assert status == 2 and "NotImplementedError" in capsys.readouterr().err
+    assert list(root.iterdir()) == []  # no eval-celeb; --root itself existed before and stays
+
+
+def test_a_refused_evaluation_leaves_no_save_folder(tmp_path, capsys):
+    from miselbo.evaluate import main
+    from miselbo.cli import run_cli
+    save = tmp_path / "results" / "run1"
+    status = run_cli(main, ["--checkpoints", str(tmp_path / "missing.pt"), "--save", str(save)])
+    assert status == 2 and "missing.pt" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
