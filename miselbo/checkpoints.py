@@ -12,6 +12,7 @@ object is refused with the object's name; `trust=True` (`--trust_checkpoint`) lo
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import pickle
@@ -23,8 +24,9 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from miselbo.checkpoint_fields import validate_checkpoint_fields
 from miselbo.nvae.config import BERNOULLI_DATASETS, NVAE_TRAIN_FLAGS, get_arch_cells
-from miselbo.safe_io import SafeIOError, atomic_torch_save, verify_sha256
+from miselbo.safe_io import SafeIOError, atomic_torch_save, read_verified_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -69,38 +71,39 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
 def read_checkpoint(path: str | os.PathLike, map_location="cpu", trust: bool = False) -> dict:
     """Read an NVAE checkpoint dict safely (see the module docstring); verifies a sidecar if any."""
     file_path = resolve_checkpoint_path(path)
-    try:
-        with open(file_path, "rb"):  # probe first, so torch's own I/O errors mean a damaged file
-            pass
-        verify_sha256(file_path)
+    try:  # symlinks followed: the sidecar of the real file verifies the very bytes loaded
+        data, _real_path, _verified = read_verified_bytes(file_path)
     except SafeIOError as err:
         raise CheckpointError(str(err)) from err
     except OSError as err:
         raise CheckpointError(f"checkpoint {file_path} cannot be read: {err.strerror or err}.") from err
-    checkpoint = _torch_load(file_path, map_location, trust)
+    checkpoint = _torch_load(io.BytesIO(data), file_path, map_location, trust)
     _require_nvae_layout(checkpoint, file_path)
+    validate_checkpoint_fields(checkpoint, file_path, error_type=CheckpointError)
     return checkpoint
 
 
-def _torch_load(file_path: Path, map_location, trust: bool):
-    """torch.load with the allow-list (or fully when trusted), every failure as CheckpointError."""
+def _torch_load(source: io.BytesIO, file_path: Path, map_location, trust: bool):
+    """torch.load of `source` (the bytes of `file_path`) with the allow-list (or fully when
+    trusted), every failure as CheckpointError."""
     try:
         if trust:
             logger.warning("loading %s fully (--trust_checkpoint): its pickle may run code", file_path)
-            return torch.load(file_path, map_location=map_location, weights_only=False)
+            return torch.load(source, map_location=map_location, weights_only=False)
         with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
-            return torch.load(file_path, map_location=map_location, weights_only=True)
+            return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if not trust and "weights only load failed" in str(err).lower():
-            raise _safe_load_refusal(file_path, err) from err
+            source.seek(0)
+            raise _safe_load_refusal(source, file_path, err) from err
         raise _corruption_error(file_path, err) from err
     except Exception as err:  # a damaged pickle or zip can raise almost anything
         raise _corruption_error(file_path, err) from err
 
 
-def _safe_load_refusal(file_path: Path, err: Exception) -> CheckpointError:
+def _safe_load_refusal(source: io.BytesIO, file_path: Path, err: Exception) -> CheckpointError:
     """The error for a file torch's safe unpickler stopped on: unsafe globals, or damage."""
-    unsafe_names = _unsafe_globals(file_path, str(err))
+    unsafe_names = _unsafe_globals(source, str(err))
     if not unsafe_names:
         return CheckpointError(
             f"checkpoint {file_path} cannot be read safely: torch's safe unpickler stopped with "
@@ -114,11 +117,11 @@ def _safe_load_refusal(file_path: Path, err: Exception) -> CheckpointError:
         f"file, --trust_checkpoint (trust=True) loads it fully.")
 
 
-def _unsafe_globals(file_path: Path, message: str) -> list[str]:
+def _unsafe_globals(source: io.BytesIO, message: str) -> list[str]:
     """Names of the globals the file needs beyond the allow-list (static scan, else torch's message)."""
     try:
         with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(file_path)
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(source)
     except Exception:  # not a zip checkpoint or a damaged one: fall back to torch's message
         names = []
     named_in_message = re.findall(r"GLOBAL ([\w.]+)", message)

@@ -10,13 +10,23 @@ Beside each target a sidecar `<file>.sha256` holds the digest in `sha256sum` for
 old sidecar is removed before the rename and the new one is written after it, so a crash at
 any moment leaves either a verified file or a file without a sidecar, never a good file with a
 wrong digest. Files without a sidecar (e.g. NVAE's own checkpoints) are read unverified.
+Concurrent writers of one target are serialised (an exclusive flock on the folder around the
+"remove sidecar, rename, write sidecar" steps), so the sidecar always describes the file beside it.
+
+A sidecar belongs to the file, not to the path that names it: `regular_file(path)` follows
+symlinks to the real file (and refuses folders, pipes, devices and sockets, each with its own
+message) and verification uses the sidecar next to that real file. `read_verified_bytes` hashes
+exactly the bytes it returns, so a file swapped between check and use cannot slip through.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -34,6 +44,37 @@ class UnwritableFolderError(SafeIOError):
 
 class ChecksumMismatchError(SafeIOError):
     """A file's SHA-256 differs from the digest recorded in its sidecar."""
+
+
+class NotARegularFileError(SafeIOError):
+    """A path names a folder, pipe, device or socket where a regular file is needed."""
+
+
+_NOT_REGULAR_KINDS = (
+    (stat.S_ISDIR, "a folder", "pass a file inside it"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)", "reading it would wait for a writer forever; save the "
+                                           "data to a regular file first"),
+    (stat.S_ISCHR, "a character device", "pass a regular file"),
+    (stat.S_ISBLK, "a block device", "pass a regular file"),
+    (stat.S_ISSOCK, "a socket", "pass a regular file"),
+)
+
+
+def regular_file(path: str | os.PathLike) -> Path:
+    """The real path of `path` (symlinks followed), which must be an existing regular file.
+
+    Raises FileNotFoundError for a missing file or a dangling link, NotARegularFileError (naming
+    the kind) for folders, pipes, devices and sockets.
+    """
+    real = Path(os.path.realpath(path))
+    mode = os.stat(real).st_mode  # FileNotFoundError for a dangling link too
+    if stat.S_ISREG(mode):
+        return real
+    via = f" (the symlink {path} points to {real})" if str(real) != os.path.abspath(path) else ""
+    for is_kind, kind, advice in _NOT_REGULAR_KINDS:
+        if is_kind(mode):
+            raise NotARegularFileError(f"{path} is {kind}, not a regular file{via}; {advice}.")
+    raise NotARegularFileError(f"{path} is not a regular file{via} (mode {oct(mode)}).")
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -70,10 +111,8 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], object]
             handle.flush()
             os.fsync(handle.fileno())
         digest = sha256_of_file(temp_path) if record_sha256 else None
-        if record_sha256:
-            sidecar_path(target).unlink(missing_ok=True)
-        os.replace(temp_path, target)
-        _fsync_folder(folder)
+        with _folder_write_lock(folder) if record_sha256 else contextlib.nullcontext():
+            _replace_with_sidecar(temp_path, target, digest)
     except OSError as err:
         temp_path.unlink(missing_ok=True)
         raise SafeIOError(f"could not write {target}: {_reason(err)}. The previous version of the "
@@ -81,11 +120,40 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], object]
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
-    if record_sha256:
+    return digest
+
+
+def _replace_with_sidecar(temp_path: Path, target: Path, digest: str | None) -> None:
+    """Old sidecar out, file renamed in, new sidecar written (when `digest` is given)."""
+    if digest is not None:
+        sidecar_path(target).unlink(missing_ok=True)
+    os.replace(temp_path, target)
+    _fsync_folder(target.parent)
+    if digest is not None:
         sidecar_text = f"{digest}  {target.name}\n"
         atomic_write(sidecar_path(target), lambda handle: handle.write(sidecar_text.encode()),
                      record_sha256=False)
-    return digest
+
+
+@contextlib.contextmanager
+def _folder_write_lock(folder: Path):
+    """Exclusive flock on the folder itself, so two writers' file/sidecar steps never interleave.
+
+    Where folders cannot be locked (some network file systems) the block runs unlocked.
+    """
+    try:
+        folder_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(folder_fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(folder_fd)  # closing releases the lock
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, record_sha256: bool = True) -> str | None:
@@ -121,19 +189,46 @@ def read_sidecar_digest(path: str | os.PathLike) -> str | None:
 
 
 def verify_sha256(path: str | os.PathLike) -> bool:
-    """Check `path` against its sidecar: True when verified, False when there is no sidecar.
+    """Check the real file behind `path` against its sidecar(s): True when verified, False when
+    there is none. The sidecar next to the real file counts; one next to a symlink is checked too.
 
-    Raises ChecksumMismatchError (naming the file and both digests) when they differ.
+    Raises ChecksumMismatchError (naming the file and both digests) when they differ, and
+    NotARegularFileError when `path` is not a regular file.
     """
-    expected = read_sidecar_digest(path)
-    if expected is None:
-        return False
-    actual = sha256_of_file(path)
-    if actual != expected:
-        raise ChecksumMismatchError(
-            f"SHA-256 mismatch for {path}: {sidecar_path(path).name} records {expected} but the "
-            f"file hashes to {actual}; the file is corrupted or was changed after writing.")
-    return True
+    real = regular_file(path)
+    return _check_digest(path, real, sha256_of_file(real))
+
+
+def read_verified_bytes(path: str | os.PathLike) -> tuple[bytes, Path, bool]:
+    """(the bytes of the real file behind `path`, that real path, whether a sidecar verified them).
+
+    The digest is taken of the very bytes returned. Raises like verify_sha256.
+    """
+    real = regular_file(path)
+    with open(real, "rb") as handle:
+        data = handle.read()
+    return data, real, _check_digest(path, real, hashlib.sha256(data).hexdigest())
+
+
+def _check_digest(path, real: Path, actual: str) -> bool:
+    """Compare `actual` with the sidecar of `real` (and of the link `path`, if it has its own)."""
+    checked = False
+    candidates = [real] + ([Path(path)] if Path(path).is_symlink() else [])
+    for named in candidates:
+        expected = read_sidecar_digest(named)
+        if expected is None:
+            continue
+        if actual != expected:
+            raise ChecksumMismatchError(
+                f"SHA-256 mismatch for {path}{_via(path, real)}: {sidecar_path(named)} records "
+                f"{expected} but the file hashes to {actual}; the file is corrupted or was changed "
+                f"after writing.")
+        checked = True
+    return checked
+
+
+def _via(path, real: Path) -> str:
+    return f" (a symlink to {real})" if Path(path).is_symlink() else ""
 
 
 def _require_folder(folder: Path, target: Path) -> None:

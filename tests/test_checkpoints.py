@@ -333,7 +333,7 @@ def test_unreadable_file_is_reported(tmp_path, monkeypatch):
         if readable_anyway:
             def refuse(*args, **kwargs):
                 raise PermissionError(errno.EACCES, "Permission denied", str(written))
-            monkeypatch.setattr(checkpoints, "open", refuse, raising=False)  # shadows builtins.open
+            monkeypatch.setattr(safe_io, "open", refuse, raising=False)  # shadows builtins.open
         with pytest.raises(CheckpointError, match="cannot be read: Permission denied"):
             read_checkpoint(written)
     finally:
