@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_nvae_train_arguments(parser)
     parser.add_argument("--dataset", type=str, default="mnist",
                         help=f"data set: {', '.join(SUPPORTED_DATASETS)} (mnist5k: 4,000/1,000 real "
-                             f"MNIST digits shipped with the code, no download; NVAE's other names "
-                             f"are refused)")
+                             f"MNIST digits shipped with the code, no download); inside a clone of "
+                             f"NVAE also NVAE's other names (omniglot, celeba_64, imagenet_32, ffhq, "
+                             f"lsun_*, ...), read by the clone's datasets.py")
     ours = parser.add_argument_group("MISELBO and run options (not in NVAE)")
     ours.add_argument("--train_new_q", action="store_true",
                       help="train a new encoder against the frozen decoder of --p_and_q1_path; "
