@@ -1,7 +1,8 @@
 """Shared test fixtures: where the golden vectors live and which device to test on.
 
 Set MISELBO_TEST_DEVICE=cuda to re-run the device-aware tests on a GPU.
-Set MISELBO_GOLDEN_DIR to point at the golden vectors if ../shared/golden is not beside the repo.
+The golden vectors (outputs of the public NVAE implementation, see tests/golden/README.md) live in
+tests/golden; set MISELBO_GOLDEN_DIR to read them from another folder instead.
 """
 import os
 from pathlib import Path
@@ -10,17 +11,19 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("MISELBO_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+GOLDEN_DIR = Path(os.environ.get("MISELBO_GOLDEN_DIR", REPO_ROOT / "tests" / "golden"))
 
 
 def golden_case_dir(name: str) -> Path:
-    """Folder of one golden configuration; skips locally, fails under CI, if it is absent."""
+    """Folder of one golden configuration; fails (never skips) if its files are absent.
+
+    The vectors ship with the repository, so a missing file means a broken checkout or a wrong
+    MISELBO_GOLDEN_DIR, not an optional extra.
+    """
     folder = GOLDEN_DIR / name
-    if not (folder / "golden.pt").is_file():
-        message = f"golden vectors not found at {folder} (set MISELBO_GOLDEN_DIR)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    missing = [f for f in ("checkpoint.pt", "golden.pt", "args.json") if not (folder / f).is_file()]
+    if missing:
+        pytest.fail(f"golden vectors {missing} not found in {folder} (check MISELBO_GOLDEN_DIR)")
     return folder
 
 

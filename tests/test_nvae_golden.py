@@ -1,6 +1,6 @@
-"""The AutoEncoder against the public NVAE implementation's reference vectors (../shared/golden).
+"""The AutoEncoder against the public NVAE implementation's reference vectors (tests/golden).
 
-Follows the golden README's "How to test" steps 1-5 with its recommended tolerances: strict
+Follows tests/golden/README.md's "How to test" steps 1-5 with its recommended tolerances: strict
 checkpoint load, evaluation-mode replay with injected z, importance-weighted passes, prior
 sampling, and a training-mode pass (with the KL balancer) on a copy of the model.
 """
@@ -19,11 +19,11 @@ from miselbo.nvae.model import AutoEncoder
 from miselbo.nvae.objectives import kl_balance_alpha, kl_balancer
 
 GOLDEN_CASES = ("mnist_small", "cifar_flows")
-ALIAS_COUNTS = {"mnist_small": 24, "cifar_flows": 27}  # from the golden README
+ALIAS_COUNTS = {"mnist_small": 24, "cifar_flows": 27}  # from tests/golden/README.md
 ORDER_ONE = dict(rtol=1e-4, atol=1e-5)  # elementwise tensors of order 1
 NATS = dict(rtol=1e-5, atol=1e-3)  # sums in nats
 BATCH_MEANS = dict(rtol=1e-5, atol=0.0)  # the two iw/test_* floats
-NOISE_STD = 0.05  # std of the noise added to the golden weights (README, "How the weights were made")
+NOISE_STD = 0.05  # noise std on the golden weights (tests/golden/README.md, "How the weights were made")
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,7 +92,7 @@ def test_checkpoint_loads_strictly_and_hands_back_the_same_tensors(name, test_de
         assert state[key].dtype == tensor.dtype and torch.equal(state[key].cpu(), tensor), key
     aliases = [key for key in state if key.endswith(".weight_normalized")]
     assert len(aliases) == ALIAS_COUNTS[name]
-    for key in aliases:  # rule W: one parameter under two names, also after .to(device)
+    for key in aliases:  # a conv without weight norm: one parameter under two names (docs/nvae.md 7.1), also after .to(device)
         module = model.get_submodule(key.rsplit(".", 1)[0])
         assert module.weight_normalized is module.weight, key
 
@@ -100,8 +100,9 @@ def test_checkpoint_loads_strictly_and_hands_back_the_same_tensors(name, test_de
 @pytest.mark.parametrize("name", GOLDEN_CASES)
 def test_seed_zero_construction_gives_nvae_initial_weights_up_to_the_recorded_noise(name):
     """The golden weights are NVAE's seed-0 initialisation plus N(0, 0.05^2) noise on every
-    parameter (README). With NVAE's construction order (§6.2) our seed-0 model differs from them
-    by that noise alone: every difference within 6 sigma and an overall std of 0.05."""
+    parameter (tests/golden/README.md). With NVAE's construction order (docs/nvae.md 6.2) our
+    seed-0 model differs from them by that noise alone: every difference within 6 sigma and an
+    overall std of 0.05."""
     checkpoint, _ = _read_case(name)
     torch.manual_seed(0)
     model = AutoEncoder(checkpoint["args"], None, get_arch_cells(checkpoint["args"].arch_instance))
