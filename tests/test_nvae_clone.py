@@ -271,6 +271,40 @@ def test_train_and_evaluate_a_data_set_only_the_clone_knows(tmp_path):
     assert results["estimators"]["miselbo"]["mean"] == pytest.approx(results["estimators"]["avg_iwelbo"]["mean"])
     assert results["estimators"]["avg_iwelbo"]["mean"] >= results["estimators"]["avg_elbo"]["mean"]
     assert "omniglot distributed=False" in (folder / "data" / "calls.txt").read_text()
+    _follow_nvae_evaluate_steps(folder, "runs/eval-omni/checkpoint.pt")
+
+
+# The loading and `evaluate` steps NVAE's evaluate.py takes, as its documented behaviour describes them
+# (its own file is not used here): import train, torch.load with map_location='cpu' only, back-fill,
+# AutoEncoder from model.py with writer None, non-strict load, datasets.get_loaders(args) with --data,
+# train.test with the importance samples. NVAE's .cuda() calls are left out (no GPU here).
+EVALUATE_STEPS = textwrap.dedent("""
+    import math, torch
+    import train
+    import datasets
+    from model import AutoEncoder
+    from miselbo.nvae.config import get_arch_cells
+    checkpoint = torch.load(PATH, map_location="cpu")
+    args = checkpoint["args"]
+    for name, default in (("ada_groups", False), ("min_groups_per_scale", 1), ("num_mixture_dec", 10)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    model = AutoEncoder(args, None, get_arch_cells(args.arch_instance))
+    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
+    args.data = "data"
+    train_queue, valid_queue, num_classes = datasets.get_loaders(args)
+    model.eval()
+    neg_log_p, nelbo = train.test(valid_queue, model, num_samples=3, args=args, logging=None)
+    print(len(missing), len(unexpected), math.isfinite(neg_log_p), math.isfinite(nelbo))
+""")
+
+
+def _follow_nvae_evaluate_steps(folder, checkpoint_path):
+    code = f"PATH = {str(checkpoint_path)!r}\n" + EVALUATE_STEPS
+    done = subprocess.run([sys.executable, "-c", code], cwd=folder, env=dict(quiet_env(), PYTHONPATH=str(folder)),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "0", "True", "True"]
 
 
 @pytest.mark.slow
