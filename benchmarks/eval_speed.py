@@ -5,19 +5,29 @@ One run per ensemble size S, with the same model, the same batch and the same z 
   (a) public: for each source s and each of the L samples, one at a time, a full forward pass of
       member s with its draw (bottom-up + top-down + output head + likelihood), then a full forward
       pass of every other member j with the sample injected: S*S*L passes of B rows
-      (`miselbo.ensemble.naive_log_weights`, the public algorithm of reference doc §10.4);
+      (`miselbo.ensemble.naive_log_weights`, the public MISELBO script's algorithm);
   (b) ours: `Ensemble.log_weights` (S bottom-up passes, S*L samples through batched decoder passes
       with all S posterior heads per group);
   (c) floor: the S*L decoder top-down passes alone (prior densities and output likelihood included),
       chunked exactly like (b), fed with (b)'s post-flow samples.
 
-Model: NVAE's MNIST paper architecture (2 latent scales, 10 groups at the finest with ada_groups,
-20 latents per group, 32 channels, SE, res_dist, no flows, 2x3 pre/post-processing cells, 1 cell per
-group), random weights; S encoders from seeds 0..S-1 sharing member 0's decoder. Data: real binarised
-mnist5k test digits. (b) runs first untimed with a fixed seed and its draws recorded; (a) and (c)
-reuse those draws. Each method is warmed up untimed first ((a): one full forward pass). (b) and (c)
-are then timed --repeats times (3; quick: 1), alternating, and the minimum is reported (the least disturbed by background load); every
-timed (b) run must reproduce the recorded log-weights exactly. (a) is timed once. Peak memory: on CUDA torch.cuda.max_memory_allocated over the call minus what was
+Model: the paper's NVAE, the `paper` preset of miselbo/presets.py (NVAE's MNIST recipe: 2 latent
+scales, 10 groups at the finest with ada_groups, 20 latents per group, 32 channels, 2 cells per
+conditional in both towers, SE, res_dist, no flows, 2x3 pre/post-processing cells), random weights;
+S encoders from seeds 0..S-1 sharing member 0's decoder. Data: real binarised mnist5k test digits.
+(b) runs first untimed with a fixed seed and its draws recorded; (a) and (c) reuse those draws.
+Each method is warmed up untimed first ((a): one full forward pass).
+
+Fair timing: the three methods are timed the same number of times, --repeats (default 1: the full
+mode at S = 8 costs minutes per repetition of (a) on 2 CPU cores), in rounds a, b, c so background
+load hits all three alike, and each is reported as the MEDIAN of its timed runs. Every timed (b)
+run must reproduce the recorded log-weights exactly.
+
+Correctness gate: before any speed figure of an S is printed, max |a - b| over log_p and log_q and
+max |c - b| over log_p must be at most --tolerance (0.05 nats, absolute); otherwise the benchmark
+says which and exits with status 1, so a wrong (b) never prints a speed-up.
+
+Peak memory: on CUDA torch.cuda.max_memory_allocated over the call minus what was
 allocated before it; on CPU the peak resident set size sampled every 2 ms during the call minus the
 RSS just before it, after glibc's malloc_trim has handed freed heap pages back to the OS (so the
 starting RSS is the live memory; pages the call reuses count again when it touches them).
@@ -29,8 +39,8 @@ and as a combiner conv with S*C outputs followed by a grouped sampler conv (grou
 The last line printed is `RESULT {json}` keyed by S (string): public_over_ours, ours_over_floor,
 max_abs_diff (largest |a - b| over log_p and log_q), plus the times, peaks and relative difference.
 
-    python benchmarks/eval_speed.py            # S in {2, 5, 8}, batch 16, L = 8
-    python benchmarks/eval_speed.py --quick    # S in {2, 5}, batch 4, L = 8 (about a minute on 2 cores)
+    python benchmarks/eval_speed.py            # S in {2, 5, 8}, batch 16, L = 8, 1 timed run each
+    python benchmarks/eval_speed.py --quick    # S in {2, 5}, batch 4, L = 8, 1 timed run each
     add --threads 1 on a machine shared with other jobs (oversubscribed OpenMP threads spin)
 """
 from __future__ import annotations
@@ -40,6 +50,7 @@ import ctypes
 import json
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -54,16 +65,17 @@ from miselbo.cli import resolve_device  # noqa: E402
 from miselbo.data import load_dataset  # noqa: E402
 from miselbo.ensemble import Ensemble, default_chunk_size, naive_log_weights, share_decoder  # noqa: E402
 from miselbo.eval_data import EvaluationExamples  # noqa: E402
-from miselbo.nvae.config import default_nvae_args, get_arch_cells  # noqa: E402
+from miselbo.nvae.config import get_arch_cells  # noqa: E402
 from miselbo.nvae.distributions import Normal, reconstruction_loss  # noqa: E402
 from miselbo.nvae.model import AutoEncoder  # noqa: E402
+from miselbo.presets import PAPER  # noqa: E402
 
-MNIST_PAPER = dict(dataset="mnist", num_latent_scales=2, num_groups_per_scale=10, ada_groups=True,
-                   num_latent_per_group=20, num_channels_enc=32, num_channels_dec=32, use_se=True,
-                   res_dist=True, num_nf=0, num_preprocess_blocks=2, num_preprocess_cells=3,
-                   num_postprocess_blocks=2, num_postprocess_cells=3, num_cell_per_cond_enc=1,
-                   num_cell_per_cond_dec=1)
 SEED = 0
+DEFAULT_TOLERANCE_NATS = 0.05  # float32 sums over 1,000s of terms differ by ~1e-3 nats in order
+
+
+class WrongResult(Exception):
+    """(a), (b) and (c) disagree beyond the tolerance: no speed figure may be printed."""
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -130,7 +142,7 @@ def measured(function, device: torch.device):
 # ----------------------------------------------------------------------------- the three methods
 
 def build_members(count: int, device: torch.device) -> list[AutoEncoder]:
-    args = default_nvae_args(**MNIST_PAPER)
+    args = PAPER.nvae_args(dataset="mnist")
     members = []
     for seed in range(count):
         torch.manual_seed(seed)
@@ -204,10 +216,36 @@ def head_convolutions(ensemble: Ensemble, batch_rows: int, device: torch.device,
 
 # ----------------------------------------------------------------------------- one ensemble size
 
+def timed_rounds(methods: dict, device: torch.device, repeats: int) -> dict:
+    """Each method timed `repeats` times, in rounds (a, b, c, a, b, c, ...): {name: [(s, peak, result)]}."""
+    runs = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, function in methods.items():
+            runs[name].append(measured(function, device))
+    return runs
+
+
+def agreement(recorded, public: tuple, floor_log_p: torch.Tensor, tolerance: float) -> dict:
+    """max |a - b| over log_p and log_q, max |c - b| over log_p; WrongResult above `tolerance` nats
+    (NaN counts as above)."""
+    ours_p, ours_q = recorded.log_p.cpu(), recorded.log_q.cpu()  # [B, S, L], [B, S, L, S]
+    public_p, public_q = public
+    # one tensor max, so a NaN anywhere propagates (Python's max() would drop it)
+    diff = torch.cat([(public_p - ours_p).abs().flatten(), (public_q - ours_q).abs().flatten()]).max().item()
+    floor_diff = (floor_log_p.cpu() - ours_p).abs().max().item()
+    for name, value in (("max |a - b| over log_p and log_q", diff), ("max |c - b| over log_p", floor_diff)):
+        if not value <= tolerance:
+            raise WrongResult(f"{name} is {value:.6g} nats, above the tolerance {tolerance} nats: the "
+                              f"methods do not compute the same log-weights, so no speed is reported")
+    scale = max(public_p.abs().max().item(), public_q.abs().max().item(), 1.0)
+    return {"max_abs_diff": diff, "max_rel_diff": diff / scale, "floor_log_p_max_abs_diff": floor_diff,
+            "tolerance_nats": tolerance}
+
+
 def compare(members: list, x: torch.Tensor, num_samples: int, chunk: int, device: torch.device,
-            repeats: int) -> dict:
-    """Time (b) and (c) `repeats` times, alternating (their minimum is reported, which background
-    load affects least), and (a) once; check that every (b) run repeats the recorded one exactly."""
+            repeats: int, tolerance: float) -> dict:
+    """Time (a), (b) and (c) `repeats` times each in rounds and report each one's median; check
+    that every (b) run repeats the recorded one exactly and that the three agree (`agreement`)."""
     ensemble = Ensemble(members)
     num_members = len(members)
 
@@ -219,33 +257,25 @@ def compare(members: list, x: torch.Tensor, num_samples: int, chunk: int, device
     recorded = ours(record=True)
     latents_pre, latents_post = recorded.latents_pre, recorded.latents_post
     floor_passes(members[0], x, [z[:, :, :1] for z in latents_post], 1)  # warm-up
-    ours_runs, floor_runs = [], []
-    for _ in range(repeats):
-        ours_runs.append(measured(ours, device))
-        floor_runs.append(measured(lambda: floor_passes(members[0], x, latents_post, chunk), device))
-        fast = ours_runs[-1][2]
+    members[0].forward_detailed(x)  # warm-up: the shapes of (a)'s passes
+    runs = timed_rounds({"public": lambda: naive_log_weights(members, x, latents_pre), "ours": ours,
+                         "floor": lambda: floor_passes(members[0], x, latents_post, chunk)}, device, repeats)
+    for _, _, fast in runs["ours"]:
         if not (torch.equal(recorded.log_p, fast.log_p) and torch.equal(recorded.log_q, fast.log_q)):
             raise RuntimeError("two runs of Ensemble.log_weights with one seed differ")
-    members[0].forward_detailed(x)  # warm-up: the shapes of (a)'s passes
-    time_public, peak_public, (public_p, public_q) = measured(
-        lambda: naive_log_weights(members, x, latents_pre), device)
-    time_bottom_up = min(measured(lambda: [m.encode_bottom_up(x) for m in members], device)[0]
-                         for _ in range(repeats))
-
-    time_ours, time_floor = min(run[0] for run in ours_runs), min(run[0] for run in floor_runs)
-    ours_p, ours_q = recorded.log_p.cpu(), recorded.log_q.cpu()
-    diff = max((public_p - ours_p).abs().max().item(), (public_q - ours_q).abs().max().item())
-    scale = max(public_p.abs().max().item(), public_q.abs().max().item(), 1.0)
-    floor_diff = (floor_runs[0][2].cpu() - ours_p).abs().max().item()
-    return {"S": num_members, "public_s": time_public, "ours_s": time_ours, "floor_s": time_floor,
-            "ours_runs_s": [run[0] for run in ours_runs], "floor_runs_s": [run[0] for run in floor_runs],
+    checked = agreement(recorded, runs["public"][0][2], runs["floor"][0][2], tolerance)
+    seconds = {name: statistics.median(run[0] for run in method_runs) for name, method_runs in runs.items()}
+    time_bottom_up = statistics.median(measured(lambda: [m.encode_bottom_up(x) for m in members], device)[0]
+                                       for _ in range(repeats))
+    return {"S": num_members, "statistic": f"median of {repeats}", "public_s": seconds["public"],
+            "ours_s": seconds["ours"], "floor_s": seconds["floor"],
+            **{f"{name}_runs_s": [run[0] for run in method_runs] for name, method_runs in runs.items()},
             "bottom_up_s": time_bottom_up,
-            "public_over_ours": time_public / time_ours, "ours_over_floor": time_ours / time_floor,
-            "public_over_ours_per_S": time_public / time_ours / num_members,
-            "peak_mib": {"public": peak_public / 2 ** 20, "ours": max(run[1] for run in ours_runs) / 2 ** 20,
-                         "floor": max(run[1] for run in floor_runs) / 2 ** 20},
-            "max_abs_diff": diff, "max_rel_diff": diff / scale, "floor_log_p_max_abs_diff": floor_diff,
-            **head_convolutions(ensemble, chunk * x.shape[0], device)}
+            "public_over_ours": seconds["public"] / seconds["ours"],
+            "ours_over_floor": seconds["ours"] / seconds["floor"],
+            "public_over_ours_per_S": seconds["public"] / seconds["ours"] / num_members,
+            "peak_mib": {name: max(run[1] for run in method_runs) / 2 ** 20 for name, method_runs in runs.items()},
+            **checked, **head_convolutions(ensemble, chunk * x.shape[0], device)}
 
 
 def main(argv=None) -> None:
@@ -257,13 +287,18 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk_size", type=int, default=None, help="samples per decoder pass (default by device)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs of (b) and (c) (3; quick: 1)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs of each of (a), (b), (c); the median of each is reported")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE_NATS,
+                        help="largest |a - b| (log_p, log_q) and |c - b| (log_p) accepted, in nats")
     options = parser.parse_args(argv)
     if options.threads:
         torch.set_num_threads(options.threads)
     sizes = options.sizes or ([2, 5] if options.quick else [2, 5, 8])
     batch_size = options.batch_size or (4 if options.quick else 16)
-    repeats = options.repeats or (1 if options.quick else 3)
+    repeats = options.repeats
+    if repeats < 1:
+        parser.error("--repeats must be >= 1")
     device = resolve_device(options.device)
     trimmed = device.type == "cpu" and _release_free_heap()
     torch.set_grad_enabled(False)
@@ -272,12 +307,17 @@ def main(argv=None) -> None:
     chunk = options.chunk_size or default_chunk_size(batch_size, options.num_samples, device)
     print(f"device {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
           f"torch {torch.__version__}, batch {batch_size}, L {options.num_samples}, chunk {chunk} "
-          f"(decoder rows {chunk * batch_size}), {repeats} timed runs of (b), (c), min reported, memory: "
+          f"(decoder rows {chunk * batch_size}), {repeats} timed run(s) of each of (a), (b), (c), median "
+          f"reported, tolerance {options.tolerance} nats, memory: "
           f"{'CUDA allocator' if device.type == 'cuda' else 'sampled RSS' + (' after malloc_trim' if trimmed else '')}")
     all_members = build_members(max(sizes), device)
     result = {}
     for size in sizes:
-        row = compare(all_members[:size], x, options.num_samples, chunk, device, repeats)
+        try:
+            row = compare(all_members[:size], x, options.num_samples, chunk, device, repeats, options.tolerance)
+        except WrongResult as err:
+            print(f"S={size}: FAILED: {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
         result[str(size)] = row
         peaks = row["peak_mib"]
         print(f"S={size}: public {row['public_s']:.2f} s, ours {row['ours_s']:.2f} s (S bottom-up passes alone "

@@ -1,9 +1,10 @@
 """Training-step speed and peak memory: a full NVAE step vs a --train_new_q step (frozen decoder).
 
-Both steps are the real `miselbo.training.loop.train_step` on NVAE's MNIST paper architecture (2
-latent scales, 10 groups at the finest with ada_groups, 20 latents per group, 32 channels, SE,
+Both steps are the real `miselbo.training.loop.train_step` on the paper's NVAE (the `paper` preset
+of miselbo/presets.py, NVAE's MNIST recipe: 2 latent scales, 10 groups at the finest with
+ada_groups, 20 latents per group, 32 channels, 2 cells per conditional in both towers, SE,
 res_dist, no flows, 2x3 pre/post-processing cells, weight_decay_norm 1e-2 so both regularisers
-run) and the same batch of real binarised mnist5k digits. Times: the two kinds of step alternate
+run, fast Adamax) and the same batch of real binarised mnist5k digits. Times: the two kinds of step alternate
 (so background load hits both alike), warm-up steps are dropped, the median is reported. Peak
 memory: on CUDA torch.cuda.max_memory_allocated during the steps (minus what was allocated
 before them); on CPU the peak resident set size (VmHWM) of a fresh subprocess per kind of step,
@@ -35,6 +36,7 @@ from miselbo.nvae.config import get_arch_cells  # noqa: E402
 from miselbo.nvae.model import AutoEncoder, is_decoder_key  # noqa: E402
 from miselbo.nvae.objectives import kl_balance_alpha  # noqa: E402
 from miselbo.nvae.optim import build_optimizer  # noqa: E402
+from miselbo.presets import PAPER  # noqa: E402
 from miselbo.training.loop import StepParts, train_step  # noqa: E402
 from miselbo.training.new_encoder import Parent, adopt_decoder  # noqa: E402
 from miselbo.training.objective import RegularisedLayers  # noqa: E402
@@ -42,13 +44,8 @@ from miselbo.training.options import build_parser  # noqa: E402
 from miselbo.training.settings import TrainSettings  # noqa: E402
 from miselbo.training.stop import StepGuard, StopRequests  # noqa: E402
 
-MNIST_PAPER_FLAGS = ["--dataset", "mnist", "--num_latent_scales", "2", "--num_groups_per_scale", "10",
-                     "--ada_groups", "--num_latent_per_group", "20", "--num_channels_enc", "32",
-                     "--num_channels_dec", "32", "--use_se", "--res_dist", "--num_nf", "0",
-                     "--num_preprocess_blocks", "2", "--num_preprocess_cells", "3",
-                     "--num_postprocess_blocks", "2", "--num_postprocess_cells", "3",
-                     "--num_cell_per_cond_enc", "1", "--num_cell_per_cond_dec", "1",
-                     "--weight_decay_norm", "1e-2", "--fast_adamax"]
+# The paper recipe's architecture and schedule (the batch size of a step is --batch_size below).
+MNIST_PAPER_FLAGS = ["--dataset", "mnist", *PAPER.architecture, *PAPER.schedule]
 STEP_INDEX = 100  # a global step past the (here irrelevant) learning-rate warm-up, β < 1
 MODES = ("full", "new_q")
 
@@ -66,7 +63,8 @@ def build_step_parts(mode: str, device: torch.device, parent: AutoEncoder | None
     else:
         trainable, layers = list(model.parameters()), RegularisedLayers()
     model.to(device).train()
-    parts = StepParts(model=model, optimizer=build_optimizer(trainable, 1e-2, 3e-4, fast=True),
+    parts = StepParts(model=model, optimizer=build_optimizer(trainable, args.learning_rate, args.weight_decay,
+                                                             fast=args.fast_adamax),
                       grad_scaler=torch.amp.GradScaler(device.type, enabled=device.type == "cuda"),
                       trainable=trainable, alpha=kl_balance_alpha(model.groups_per_scale, device=device),
                       layers=layers, settings=TrainSettings.from_args(args),

@@ -1,60 +1,48 @@
 """The main job in one command: train p_theta + q_phi_1, train more encoders against the frozen
 decoder, evaluate the ensemble with MISELBO and its companions.
 
-    python -m miselbo.pipeline                       # the demo on the embedded mnist5k digits
-    python -m miselbo.pipeline --dataset mnist --preset paper --epochs 400 ...   # the real run
+    python -m miselbo.pipeline                              # the demo on the embedded mnist5k digits
+    python -m miselbo.pipeline --preset paper --data DIR    # NVAE's MNIST recipe, as the paper
+    python -m miselbo.pipeline --preset paper --dry_run     # print the commands, run nothing
 
 Stages (one progress bar over them, each stage shows its own):
   1. `train.py --save p_and_q1 --seed <seed_1>`                         decoder + first encoder
   2. `train.py --train_new_q --p_and_q1_path <stage 1> --save q<s> --seed <seed_s>`, s = 2..S
   3. `miselbo_eval.py --checkpoints <all S> --ablation --save <out>/results`
 
-Everything lands in `--out` (`eval-p_and_q1/`, `eval-q2/`, ..., `results/`). Re-running the same
+Everything lands in `--out` (`eval-p_and_q1/`, `eval-q2/`, ..., `results/`, and
+`pipeline_stages.json`, the settings each training stage was run with). Re-running the same
 command continues: a stage whose checkpoint has all its epochs is skipped, an interrupted one
-resumes with `--cont_training`. Flags this module does not know are handed to every training stage
-unchanged (NVAE's flags: architecture, epochs, learning rate, ...), and override the preset.
-`--export DIR` writes the S checkpoints, without optimizer state, into a `models/`-style folder
-with a manifest.
+resumes with `--cont_training`; a re-run whose settings differ from a stage in `--out` is refused
+(exit 2) unless `--retrain_changed` is given. The presets (architecture and schedule) are defined in
+miselbo/presets.py; flags this module does not know are handed to every training stage unchanged
+(NVAE's flags: architecture, epochs, learning rate, ...), and override the preset. `--export DIR`
+writes the S checkpoints, without optimizer state, into a `models/`-style folder with a manifest
+written from what the checkpoints record.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from miselbo import evaluate, training
+from miselbo import evaluate, stage_clock, stage_record, training
 from miselbo.checkpoints import CHECKPOINT_FILE_NAME, read_checkpoint
 from miselbo.cli import UserError, progress, require_positive, run_cli
+from miselbo.presets import PRESETS, get_preset
 from miselbo.safe_io import atomic_torch_save, atomic_write_text
+from miselbo.training.options import data_set_of
+from miselbo.training.run import RESULT_FILE_NAME as TRAIN_RESULT_FILE_NAME
 
 PROG = "python -m miselbo.pipeline"
+STAGE_TIMES_FILE_NAME = "stage_times.json"  # seconds per stage and training part
 MANIFEST_FILE_NAME = "manifest.json"
-# Architecture and schedule presets (NVAE train.py flags). `demo` is the shipped ensemble's
-# configuration (models/mnist5k_demo/README.md); `paper` is the MISELBO paper's MNIST NVAE.
-PRESETS = {
-    "demo": ["--num_latent_scales", "2", "--num_groups_per_scale", "2", "--num_latent_per_group", "8",
-             "--num_channels_enc", "8", "--num_channels_dec", "8", "--num_preprocess_blocks", "2",
-             "--num_preprocess_cells", "1", "--num_postprocess_blocks", "2",
-             "--num_postprocess_cells", "1", "--use_se", "--res_dist", "--arch_instance", "res_bnswish",
-             "--epochs", "8", "--warmup_epochs", "1", "--batch_size", "32", "--weight_decay_norm", "1e-2",
-             "--fast_adamax", "--final_iw_samples", "10"],
-    "tiny": ["--num_latent_scales", "1", "--num_groups_per_scale", "2", "--num_latent_per_group", "2",
-             "--num_channels_enc", "4", "--num_channels_dec", "4", "--num_preprocess_blocks", "1",
-             "--num_preprocess_cells", "1", "--num_postprocess_blocks", "1",
-             "--num_postprocess_cells", "1", "--epochs", "1", "--warmup_epochs", "0",
-             "--batch_size", "16", "--final_iw_samples", "2"],
-    "paper": ["--num_latent_scales", "2", "--num_groups_per_scale", "10", "--ada_groups",
-              "--num_latent_per_group", "20", "--num_channels_enc", "32", "--num_channels_dec", "32",
-              "--num_preprocess_blocks", "2", "--num_preprocess_cells", "3",
-              "--num_postprocess_blocks", "2", "--num_postprocess_cells", "3",
-              "--num_cell_per_cond_enc", "1", "--num_cell_per_cond_dec", "1", "--use_se",
-              "--res_dist", "--num_nf", "0", "--epochs", "400", "--batch_size", "200",
-              "--weight_decay_norm", "1e-2", "--fast_adamax"],
-}
+RETRAIN_FLAG = "--retrain_changed"
 
 
 @dataclass(frozen=True)
@@ -72,6 +60,8 @@ class PipelineSettings:
     device: str
     export: Path | None
     data: str | None = None
+    dry_run: bool = False
+    retrain_changed: bool = False
 
     def data_flags(self) -> list[str]:
         return [] if self.data is None else ["--data", self.data]
@@ -86,8 +76,12 @@ class PipelineSettings:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default="runs/mnist5k_demo", help="folder for every stage's output")
-    parser.add_argument("--dataset", default="mnist5k", help="mnist5k (embedded), mnist or cifar10")
+    parser.add_argument("--out", default=None,
+                        help="folder for every stage's output (default: runs/<dataset>_<preset>, e.g. "
+                             "runs/mnist5k_demo)")
+    parser.add_argument("--dataset", default=None,
+                        help="mnist5k (embedded), mnist or cifar10 (default: the preset's: mnist5k for "
+                             "demo and tiny, mnist for paper)")
     parser.add_argument("--data", default=None,
                         help="data root of torchvision data sets, for training and evaluation "
                              "(mnist5k needs none)")
@@ -95,22 +89,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="one seed per encoder (default 1..S)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                        help="architecture and schedule; any NVAE train.py flag given overrides it")
-    parser.add_argument("--num_iw_samples", type=int, default=20, help="importance samples L per encoder")
+                        help="architecture and schedule (miselbo/presets.py); any NVAE train.py flag "
+                             "given overrides it")
+    parser.add_argument("--num_iw_samples", type=int, default=None,
+                        help="importance samples L per encoder (default: the preset's: 20 for demo and "
+                             "tiny, 1000 for paper)")
     parser.add_argument("--num_eval_examples", type=int, default=None,
                         help="evaluate this many test images (default: all)")
     parser.add_argument("--eval_batch_size", type=int, default=50)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--export", default=None,
                         help="copy the S checkpoints here (models/ layout with manifest.json)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print the train.py and miselbo_eval.py commands this would run, run nothing")
+    parser.add_argument(RETRAIN_FLAG, action="store_true",
+                        help="when a stage in --out was trained with other settings, retrain it and "
+                             "every stage after it (old folders are renamed, not deleted)")
     return parser
 
 
 def parse_settings(argv: Sequence[str]) -> PipelineSettings:
     """Settings from the command line; unknown flags are kept as training flags."""
     args, train_flags = build_parser().parse_known_args(list(argv))
+    preset = get_preset(args.preset)
+    num_iw_samples = preset.num_iw_samples if args.num_iw_samples is None else args.num_iw_samples
+    dataset = args.dataset or preset.dataset
     require_positive("--num_encoders", args.num_encoders)
-    require_positive("--num_iw_samples", args.num_iw_samples)
+    require_positive("--num_iw_samples", num_iw_samples)
     seeds = tuple(args.seeds) if args.seeds else tuple(range(1, args.num_encoders + 1))
     if len(seeds) != args.num_encoders or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds needs {args.num_encoders} distinct values (one per encoder), got "
@@ -119,10 +124,11 @@ def parse_settings(argv: Sequence[str]) -> PipelineSettings:
         if flag in train_flags:
             raise UserError(f"{flag} is set by the pipeline for each stage; use --out and --seeds.")
     return PipelineSettings(
-        out=Path(args.out), dataset=args.dataset, num_encoders=args.num_encoders, seeds=seeds,
-        preset=args.preset, train_flags=tuple(train_flags), num_iw_samples=args.num_iw_samples,
+        out=Path(args.out or f"runs/{dataset}_{preset.name}"), dataset=dataset, num_encoders=args.num_encoders,
+        seeds=seeds, preset=args.preset, train_flags=tuple(train_flags), num_iw_samples=num_iw_samples,
         num_eval_examples=args.num_eval_examples, eval_batch_size=args.eval_batch_size,
-        device=args.device, export=Path(args.export) if args.export else None, data=args.data)
+        device=args.device, export=Path(args.export) if args.export else None, data=args.data,
+        dry_run=args.dry_run, retrain_changed=args.retrain_changed)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -139,7 +145,7 @@ def training_argv(settings: PipelineSettings, stage: str, seed: int) -> list[str
     """train.py's command line for one stage (without --cont_training)."""
     argv = ["--root", str(settings.out), "--save", stage, "--seed", str(seed),
             "--dataset", settings.dataset, "--device", settings.device, *settings.data_flags()]
-    argv += PRESETS[settings.preset] + list(settings.train_flags)
+    argv += get_preset(settings.preset).flags() + list(settings.train_flags)
     if stage != "p_and_q1":
         argv += ["--train_new_q", "--p_and_q1_path", str(settings.checkpoint("p_and_q1").parent)]
     return argv
@@ -151,11 +157,54 @@ def run_training_stage(settings: PipelineSettings, stage: str, seed: int) -> str
     state = _finished_epochs(settings.checkpoint(stage))
     if state is not None and state[0] >= state[1]:
         return f"{stage}: already trained ({state[0]} epochs), skipped"
+    stage_record.record_stage(settings.out, stage, argv)
     if state is not None:
         argv.append("--cont_training")
     result = training.train(argv)
     return (f"{stage}: test NELBO {result.test_nelbo:.2f} nats, -log p {result.test_neg_log_p:.2f} "
             f"nats ({result.final_iw_samples} samples), {result.wall_seconds:.0f} s")
+
+
+def changed_stages(settings: PipelineSettings) -> dict[str, list[stage_record.Difference]]:
+    """{stage: differing flags} for the stages in --out whose recorded settings differ from now."""
+    changed = {}
+    for stage, seed in zip(settings.stage_names(), settings.seeds):
+        recorded = stage_record.recorded_settings(settings.out, stage, settings.checkpoint(stage))
+        if recorded is None:
+            continue
+        now = stage_record.stage_settings(training_argv(settings, stage, seed))
+        found = stage_record.differences(recorded, now)
+        if found:
+            changed[stage] = found
+    return changed
+
+
+def set_aside_changed_stages(settings: PipelineSettings, changed: dict) -> list[str]:
+    """With --retrain_changed: rename the folders of the first changed stage and every stage after
+    it to eval-<stage>.replaced-<time>, so they train afresh; returns what was moved."""
+    names = settings.stage_names()
+    first = min(names.index(stage) for stage in changed)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for stage in names[first:]:
+        folder = settings.checkpoint(stage).parent
+        if folder.exists():
+            target = folder.with_name(f"{folder.name}.replaced-{stamp}")
+            folder.rename(target)
+            moved.append(f"{folder} -> {target}")
+    return moved
+
+
+def check_stage_settings(settings: PipelineSettings) -> None:
+    """Refuse (exit 2) a re-run whose settings differ from a stage already in --out, or with
+    --retrain_changed set the changed stages and those after them aside."""
+    changed = changed_stages(settings)
+    if not changed:
+        return
+    if not settings.retrain_changed:
+        raise stage_record.refusal(settings.out, changed, RETRAIN_FLAG)
+    for line in set_aside_changed_stages(settings, changed):
+        print(f"{RETRAIN_FLAG}: kept the old stage as {line}")
 
 
 def evaluation_argv(settings: PipelineSettings) -> list[str]:
@@ -168,45 +217,105 @@ def evaluation_argv(settings: PipelineSettings) -> list[str]:
     return argv
 
 
-def export_for_evaluation(source: Path, destination: Path) -> None:
+def dry_run_text(settings: PipelineSettings) -> str:
+    """The commands the job would run, shell-quoted, with a comment line per stage; reads nothing
+    but file names (a stage already in --out is resumed or skipped by a real run)."""
+    lines = [f"# {PROG} --dry_run: preset {settings.preset}, {settings.num_encoders} encoder(s), "
+             f"output in {settings.out}; nothing was run or written. The commands a run would start:"]
+    for stage, seed in zip(settings.stage_names(), settings.seeds):
+        role = "decoder + first encoder" if stage == "p_and_q1" else "another encoder, frozen decoder"
+        lines.append(f"# stage {stage}: {role}, seed {seed}")
+        if settings.checkpoint(stage).exists():
+            lines.append(f"# ({settings.checkpoint(stage)} exists: a run skips this stage when it has "
+                         f"all its epochs and adds --cont_training otherwise)")
+        lines.append(shlex.join(["python", "train.py", *training_argv(settings, stage, seed)]))
+    lines.append(f"# evaluation of the {settings.num_encoders}-encoder ensemble")
+    lines.append(shlex.join(["python", "miselbo_eval.py", *evaluation_argv(settings)]))
+    return "\n".join(lines)
+
+
+def export_for_evaluation(source: Path, destination: Path) -> dict:
     """Write `source` to `destination` without its optimizer state (about 2/3 of a p_and_q file):
-    same NVAE format and weights, loadable by miselbo_eval.py and NVAE's evaluate.py, not resumable."""
+    same NVAE format and weights, loadable by miselbo_eval.py and NVAE's evaluate.py, not resumable.
+    Returns the checkpoint."""
     checkpoint = read_checkpoint(source)
     checkpoint["optimizer"] = None
     destination.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(checkpoint, destination)
+    return checkpoint
+
+
+def _member_entry(path: str, checkpoint: dict) -> dict:
+    """A manifest's description of one member, from what its checkpoint records."""
+    recorded = checkpoint.get("miselbo") or {}
+    return {"checkpoint": path, "seed": recorded.get("seed", checkpoint["args"].seed),
+            "role": recorded.get("role"), "decoder_fingerprint": recorded.get("decoder_fingerprint")}
+
+
+def _training_flags(args) -> dict:
+    """The train.py settings a checkpoint's namespace records (flags absent from it: None)."""
+    names = stage_record.stage_settings([])
+    flags = {name: getattr(args, name, None) for name in names}
+    flags["dataset"] = data_set_of(args)
+    return flags
 
 
 def export_ensemble(settings: PipelineSettings, target: Path) -> None:
-    """Export the S checkpoints to target/<stage>/checkpoint.pt and write target/manifest.json."""
-    entries = []
+    """Export the S checkpoints to target/<stage>/checkpoint.pt and write target/manifest.json from
+    what the checkpoints (seeds, flags) and the evaluation's results.json (L) record."""
+    members, first_args = [], None
     for stage in settings.stage_names():
-        export_for_evaluation(settings.checkpoint(stage), target / stage / CHECKPOINT_FILE_NAME)
-        entries.append(f"{stage}/{CHECKPOINT_FILE_NAME}")
-    manifest = {"checkpoints": entries, "dataset": settings.dataset, "seeds": list(settings.seeds),
-                "preset": settings.preset, "train_flags": list(settings.train_flags),
-                "eval_defaults": {"num_iw_samples": settings.num_iw_samples}}
+        path = f"{stage}/{CHECKPOINT_FILE_NAME}"
+        checkpoint = export_for_evaluation(settings.checkpoint(stage), target / path)
+        members.append(_member_entry(path, checkpoint))
+        first_args = first_args or checkpoint["args"]
+    results = json.loads((settings.out / "results" / "results.json").read_text(encoding="utf-8"))
+    manifest = {"checkpoints": [member["checkpoint"] for member in members],
+                "dataset": data_set_of(first_args), "seeds": [member["seed"] for member in members],
+                "members": members, "train_args": _training_flags(first_args),
+                "eval_defaults": {"num_iw_samples": results["L"]}}
     atomic_write_text(target / MANIFEST_FILE_NAME, json.dumps(manifest, indent=2) + "\n",
                       record_sha256=False)
 
 
 def run_pipeline(settings: PipelineSettings) -> int:
     """All stages in order; returns the evaluation's exit status."""
+    if settings.dry_run:
+        print(dry_run_text(settings))
+        return 0
     started = time.perf_counter()
+    check_stage_settings(settings)
     stages = list(zip(settings.stage_names(), settings.seeds))
+    times: list[tuple[str, dict[str, float]]] = []  # (stage, {part: seconds}) for the summary
     with progress(total=len(stages) + 1, desc="pipeline", unit="stage") as bar:
         for stage, seed in stages:
             bar.set_postfix_str(f"training {stage}")
+            began, began_at = time.perf_counter(), time.time()
             bar.write(run_training_stage(settings, stage, seed))
+            times.append((stage, stage_clock.training_stage_parts(
+                settings.checkpoint(stage).parent / TRAIN_RESULT_FILE_NAME,
+                time.perf_counter() - began, began_at)))
             bar.update()
         bar.set_postfix_str("evaluating")
+        began = time.perf_counter()
         status = evaluate.main(evaluation_argv(settings))
+        times.append(("evaluation", {"total": time.perf_counter() - began}))
         bar.update()
     if status == 0 and settings.export is not None:
+        began = time.perf_counter()
         export_ensemble(settings, settings.export)
+        times.append(("export", {"total": time.perf_counter() - began}))
+    _report_times(settings, times, time.perf_counter() - started)
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s; results in "
           f"{settings.out / 'results'}")
     return status
+
+
+def _report_times(settings: PipelineSettings, times: list, total_seconds: float) -> None:
+    """Print the per-stage time summary and write it to <out>/stage_times.json."""
+    print("time per stage (training parts: steps include data_loading):")
+    print(stage_clock.summary_table(times, total_seconds))
+    stage_clock.write_stage_times(settings.out / STAGE_TIMES_FILE_NAME, times, total_seconds)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -1,13 +1,25 @@
-"""The main job end to end (python -m miselbo.pipeline) on a tiny architecture and a slice of mnist5k."""
+"""The main job (python -m miselbo.pipeline): end to end on a tiny architecture and a slice of
+mnist5k, the dry run, and the stage-settings record that refuses a changed re-run."""
 import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from miselbo import pipeline
+from miselbo import pipeline, stage_record
 from miselbo.checkpoints import read_checkpoint
 from miselbo.cli import UserError
 from miselbo.evaluate import main as evaluate_main
+from miselbo.nvae.config import NVAE_TRAIN_FLAGS
+from miselbo.presets import PAPER
+from miselbo.training.options import build_parser
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY_RUN = ["--preset", "tiny", "--num_train_examples", "64", "--num_test_examples", "16",
             "--num_eval_examples", "8", "--num_iw_samples", "3", "--device", "cpu"]
@@ -32,6 +44,10 @@ def test_main_job_trains_three_members_evaluates_and_exports(tmp_path, capsys):
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["checkpoints"] == ["p_and_q1/checkpoint.pt", "q2/checkpoint.pt", "q3/checkpoint.pt"]
     assert manifest["eval_defaults"] == {"num_iw_samples": 3}
+    assert manifest["seeds"] == [1, 2, 3] and manifest["dataset"] == "mnist5k"
+    assert [m["role"] for m in manifest["members"]] == ["p_and_q", "new_q", "new_q"] or \
+        len({m["role"] for m in manifest["members"][1:]}) == 1
+    assert manifest["train_args"]["num_channels_enc"] == 4 and manifest["train_args"]["epochs"] == 1
     exported = read_checkpoint(export / "q2" / "checkpoint.pt")
     trained = read_checkpoint(out / "eval-q2" / "checkpoint.pt")
     assert exported["optimizer"] is None and trained["optimizer"] is not None
@@ -46,6 +62,32 @@ def test_main_job_trains_three_members_evaluates_and_exports(tmp_path, capsys):
     # running the same command again skips every trained stage
     assert pipeline.main(TINY_RUN + ["--out", str(out)]) == 0
     assert capsys.readouterr().out.count("already trained") == 3
+
+    # the manifest comes from the checkpoints: other seeds on the command line do not reach it
+    other = pipeline.parse_settings(TINY_RUN + ["--out", str(out), "--seeds", "4", "5", "6"])
+    pipeline.export_ensemble(other, tmp_path / "models" / "again")
+    assert json.loads((tmp_path / "models" / "again" / "manifest.json").read_text())["seeds"] == [1, 2, 3]
+
+    # a re-run with other seeds is refused, naming each changed flag, and runs nothing
+    assert pipeline.main(TINY_RUN + ["--out", str(out), "--seeds", "4", "5", "6"]) == 2
+    error = capsys.readouterr().err
+    for stage, old, new in (("p_and_q1", 1, 4), ("q2", 2, 5), ("q3", 3, 6)):
+        assert f"stage {stage}: --seed {old} (recorded) -> {new} (now)" in error
+    assert "--retrain_changed" in error and "new --out" in error
+    assert read_checkpoint(out / "eval-p_and_q1" / "checkpoint.pt")["miselbo"]["seed"] == 1
+
+    # --retrain_changed retrains the changed stage (q3 only here) and keeps the old one aside
+    old_q3 = read_checkpoint(out / "eval-q3" / "checkpoint.pt")["state_dict"]
+    assert pipeline.main(TINY_RUN + ["--out", str(out), "--seeds", "1", "2", "7", "--retrain_changed"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already trained") == 2 and "q3: test NELBO" in printed
+    assert read_checkpoint(out / "eval-q3" / "checkpoint.pt")["miselbo"]["seed"] == 7
+    kept = list(out.glob("eval-q3.replaced-*"))
+    assert len(kept) == 1
+    for key, tensor in read_checkpoint(kept[0] / "checkpoint.pt")["state_dict"].items():
+        assert torch.equal(tensor, old_q3[key]), key
+    recorded = json.loads((out / stage_record.RECORD_FILE_NAME).read_text())["stages"]
+    assert recorded["q3"]["settings"]["seed"] == 7 and recorded["q2"]["settings"]["seed"] == 2
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -68,3 +110,118 @@ def test_unknown_flags_go_to_every_training_stage_after_the_preset(tmp_path):
     assert first[first.index("--data") + 1] == "/d"
     assert second[second.index("--p_and_q1_path") + 1] == str(tmp_path / "eval-p_and_q1")
     assert second[second.index("--seed") + 1] == "2"
+
+
+# ----------------------------------------------------------------------------- dry run
+
+def _printed_commands(text: str, program: str) -> list[list[str]]:
+    """The argument lists of the printed `python <program> ...` lines."""
+    commands = [shlex.split(line) for line in text.splitlines() if line.startswith(f"python {program} ")]
+    return [command[2:] for command in commands]
+
+
+def test_dry_run_of_paper_prints_the_full_recipe_runs_nothing_and_writes_nothing(tmp_path):
+    began = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "miselbo.pipeline", "--preset", "paper", "--dry_run"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+    seconds = time.perf_counter() - began
+    assert done.returncode == 0, done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even runs/
+    assert seconds < 60  # no training: the time of importing torch and parsing
+    assert "--num_cell_per_cond_enc 2 --num_cell_per_cond_dec 2" in done.stdout
+    trainings = _printed_commands(done.stdout, "train.py")
+    assert len(trainings) == 3
+    for index, argv in enumerate(trainings):
+        args = build_parser().parse_args(argv)
+        architecture = PAPER.nvae_args()
+        for flag in NVAE_TRAIN_FLAGS:
+            if flag.category in ("A", "C"):
+                assert getattr(args, flag.name) == getattr(architecture, flag.name), flag.name
+        assert args.num_cell_per_cond_enc == args.num_cell_per_cond_dec == 2
+        assert args.dataset == "mnist" and args.seed == index + 1 and args.train_new_q == (index > 0)
+        assert args.num_process_per_node == 2 and args.batch_size == 200 and args.epochs == 400
+    evaluation = _printed_commands(done.stdout, "miselbo_eval.py")
+    assert len(evaluation) == 1 and evaluation[0][evaluation[0].index("--num_iw_samples") + 1] == "1000"
+
+
+def test_dry_run_prints_what_a_run_would_call(tmp_path, capsys):
+    argv = ["--preset", "tiny", "--out", str(tmp_path / "run dir"), "--epochs", "3", "--num_encoders", "2"]
+    assert pipeline.main(argv + ["--dry_run"]) == 0
+    printed = capsys.readouterr().out
+    settings = pipeline.parse_settings(argv)
+    assert _printed_commands(printed, "train.py") == [pipeline.training_argv(settings, "p_and_q1", 1),
+                                                      pipeline.training_argv(settings, "q2", 2)]
+    assert _printed_commands(printed, "miselbo_eval.py") == [pipeline.evaluation_argv(settings)]
+    assert not (tmp_path / "run dir").exists()
+
+
+def _readme_nvae_commands() -> str:
+    """The code block of README's "For NVAE users" that shows a pipeline dry run and its output."""
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text[text.index("## For NVAE users"):]
+    section = section[:section.index("\n## ", 1)]
+    blocks = [chunk.split("```", 1)[0] for chunk in section.split("```bash")[1:]]
+    [block] = [block for block in blocks if "--dry_run" in block]
+    return block
+
+
+def test_readme_commands_for_nvae_users_are_the_dry_run_output(capsys):
+    block = _readme_nvae_commands().replace("\\\n", " ")
+    written = [shlex.split(line) for line in block.splitlines() if line.startswith("python ")]
+    dry_run_line = [command for command in written if command[:3] == ["python", "-m", "miselbo.pipeline"]]
+    assert len(dry_run_line) == 1 and "--dry_run" in dry_run_line[0]
+    assert pipeline.main(dry_run_line[0][3:]) == 0
+    printed = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("python ")]
+    assert [command for command in written if command[:2] != ["python", "-m"]] == printed
+
+
+# ----------------------------------------------------------------------------- stage settings
+
+def test_changed_settings_of_a_recorded_stage_are_refused_naming_each_flag(tmp_path, capsys):
+    base = ["--preset", "tiny", "--out", str(tmp_path), "--num_encoders", "2"]
+    first = pipeline.parse_settings(base)
+    for stage, seed in zip(first.stage_names(), first.seeds):
+        stage_record.record_stage(tmp_path, stage, pipeline.training_argv(first, stage, seed))
+    # device and data folder say where a stage runs, not what it trains: not compared
+    assert pipeline.changed_stages(pipeline.parse_settings(base + ["--device", "cpu", "--data", "/d"])) == {}
+    assert pipeline.main(base + ["--epochs", "3", "--learning_rate", "0.5"]) == 2
+    error = capsys.readouterr().err
+    assert "--epochs 1 (recorded) -> 3 (now)" in error and "--learning_rate 0.01 (recorded) -> 0.5 (now)" in error
+    assert "stage p_and_q1:" in error and "stage q2:" in error
+    assert "Traceback" not in error and sorted(p.name for p in tmp_path.iterdir()) == ["pipeline_stages.json"]
+
+
+def test_retrain_changed_sets_aside_the_first_changed_stage_and_all_after_it(tmp_path):
+    base = ["--preset", "tiny", "--out", str(tmp_path)]
+    first = pipeline.parse_settings(base)
+    for stage, seed in zip(first.stage_names(), first.seeds):
+        stage_record.record_stage(tmp_path, stage, pipeline.training_argv(first, stage, seed))
+        (tmp_path / f"eval-{stage}").mkdir()
+        (tmp_path / f"eval-{stage}" / "log.txt").write_text(stage)
+    changed = pipeline.parse_settings(base + ["--seeds", "1", "5", "3", "--retrain_changed"])
+    assert list(pipeline.changed_stages(changed)) == ["q2"]
+    pipeline.check_stage_settings(changed)
+    assert (tmp_path / "eval-p_and_q1" / "log.txt").read_text() == "p_and_q1"
+    for stage in ("q2", "q3"):  # q3 follows a changed stage, so it is retrained too
+        assert not (tmp_path / f"eval-{stage}").exists()
+        [kept] = tmp_path.glob(f"eval-{stage}.replaced-*")
+        assert (kept / "log.txt").read_text() == stage
+
+
+def test_a_stage_without_a_record_is_compared_with_its_checkpoint(tmp_path, capsys):
+    # the shipped ensemble's decoder run, made before stage records existed, trained with `demo`
+    source = REPO_ROOT / "models" / "mnist5k_demo" / "p_and_q1"
+    shutil.copytree(source, tmp_path / "eval-p_and_q1")
+    same = pipeline.parse_settings(["--preset", "demo", "--out", str(tmp_path), "--num_encoders", "1"])
+    assert pipeline.changed_stages(same) == {}
+    assert pipeline.main(["--preset", "demo", "--out", str(tmp_path), "--num_encoders", "1",
+                          "--epochs", "9", "--num_channels_dec", "16"]) == 2
+    error = capsys.readouterr().err
+    assert "--epochs 8 (recorded) -> 9 (now)" in error and "--num_channels_dec 8 (recorded) -> 16 (now)" in error
+
+
+def test_an_unreadable_stage_record_is_a_user_error(tmp_path):
+    (tmp_path / stage_record.RECORD_FILE_NAME).write_text("{not json")
+    with pytest.raises(UserError, match="pipeline_stages.json"):
+        pipeline.changed_stages(pipeline.parse_settings(["--preset", "tiny", "--out", str(tmp_path)]))

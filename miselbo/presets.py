@@ -1,0 +1,88 @@
+"""Named NVAE configurations, defined once: the pipeline, the benchmarks, the README's commands and
+the tests take them from here.
+
+A preset is a list of train.py flags split in two: `architecture` (flags that decide the model's
+parameters) and `schedule` (how it is trained). `launch` holds how NVAE's published recipe starts
+its processes (two GPUs for `paper`); it goes into printed commands and the pipeline's training
+stages, and any flag typed after it overrides it.
+
+- `paper`: NVAE's published MNIST recipe, which the MISELBO paper trains: 2 latent scales, 10
+  groups per scale with --ada_groups ([10, 5]), 20 latents per group, 32 encoder and decoder
+  channels, 2 x 3 pre- and post-processing cells, 2 cells per conditional in both towers, SE,
+  res_dist, no flows, --weight_decay_norm 1e-2, batch 200 per GPU on 2 GPUs, 400 epochs,
+  --fast_adamax. Built, it has 33,363,134 parameters (tests/test_presets.py).
+- `demo`: the small configuration the shipped ensemble in models/mnist5k_demo was trained with
+  (8 epochs on mnist5k, a few minutes per stage on 2 CPU cores).
+- `tiny`: a model of a few thousand parameters, one epoch; for tests and smoke runs.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+from dataclasses import dataclass
+
+from miselbo.nvae.config import add_nvae_train_arguments
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named configuration; every field is a tuple of train.py command-line tokens."""
+    name: str
+    dataset: str  # what the pipeline trains on unless --dataset is given
+    num_iw_samples: int  # importance samples per encoder at the pipeline's evaluation
+    architecture: tuple[str, ...]
+    schedule: tuple[str, ...]
+    launch: tuple[str, ...] = ()
+
+    def flags(self) -> list[str]:
+        """architecture + schedule + launch: everything a training stage gets from the preset."""
+        return [*self.architecture, *self.schedule, *self.launch]
+
+    def nvae_args(self, dataset: str = "mnist") -> argparse.Namespace:
+        """NVAE's train.py namespace (NVAE's defaults) with this architecture for `dataset`."""
+        parser = add_nvae_train_arguments(argparse.ArgumentParser(add_help=False))
+        args = parser.parse_args(list(self.architecture))
+        args.dataset = dataset
+        return args
+
+    def architecture_text(self) -> str:
+        """The architecture flags, shell-quoted, as one line."""
+        return shlex.join(self.architecture)
+
+
+PAPER = Preset(
+    name="paper", dataset="mnist", num_iw_samples=1000,
+    architecture=("--num_latent_scales", "2", "--num_groups_per_scale", "10", "--ada_groups",
+                  "--num_latent_per_group", "20", "--num_channels_enc", "32", "--num_channels_dec", "32",
+                  "--num_preprocess_blocks", "2", "--num_preprocess_cells", "3",
+                  "--num_postprocess_blocks", "2", "--num_postprocess_cells", "3",
+                  "--num_cell_per_cond_enc", "2", "--num_cell_per_cond_dec", "2",
+                  "--use_se", "--res_dist", "--num_nf", "0"),
+    schedule=("--batch_size", "200", "--epochs", "400", "--weight_decay_norm", "1e-2", "--fast_adamax"),
+    launch=("--num_process_per_node", "2"),
+)
+DEMO = Preset(
+    name="demo", dataset="mnist5k", num_iw_samples=20,
+    architecture=("--num_latent_scales", "2", "--num_groups_per_scale", "2", "--num_latent_per_group", "8",
+                  "--num_channels_enc", "8", "--num_channels_dec", "8", "--num_preprocess_blocks", "2",
+                  "--num_preprocess_cells", "1", "--num_postprocess_blocks", "2",
+                  "--num_postprocess_cells", "1", "--use_se", "--res_dist", "--arch_instance", "res_bnswish"),
+    schedule=("--epochs", "8", "--warmup_epochs", "1", "--batch_size", "32", "--weight_decay_norm", "1e-2",
+              "--fast_adamax", "--final_iw_samples", "10"),
+)
+TINY = Preset(
+    name="tiny", dataset="mnist5k", num_iw_samples=20,
+    architecture=("--num_latent_scales", "1", "--num_groups_per_scale", "2", "--num_latent_per_group", "2",
+                  "--num_channels_enc", "4", "--num_channels_dec", "4", "--num_preprocess_blocks", "1",
+                  "--num_preprocess_cells", "1", "--num_postprocess_blocks", "1",
+                  "--num_postprocess_cells", "1"),
+    schedule=("--epochs", "1", "--warmup_epochs", "0", "--batch_size", "16", "--final_iw_samples", "2"),
+)
+PRESETS = {preset.name: preset for preset in (DEMO, TINY, PAPER)}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name` (KeyError naming the known ones otherwise)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
