@@ -132,11 +132,11 @@ def _block(tensor: torch.Tensor, index: int, batch: int) -> torch.Tensor:
     return tensor[index * batch:(index + 1) * batch]
 
 
-def _joint_pass(encoders, active, x, scorer: _MixtureScorer | None, latents):
+def _joint_pass(encoders, active, x, features: dict, scorer: _MixtureScorer | None, latents):
     """One decoder pass of len(active) * B rows. Returns (logits, kl_all [A][G x [B]]).
-    latents[i][g]: block i's pre-flow z of group g to use instead of a draw (or None)."""
+    features[k]: component k's bottom-up pass; latents[i][g]: block i's pre-flow z of group g to
+    use instead of a draw (or None)."""
     batch = x.shape[0]
-    features = {k: encoders[k].encode_bottom_up(x) for k in active}
     kl_all = [[] for _ in active]
 
     def choose_z(group: int, state: torch.Tensor, prior: PriorRaw) -> torch.Tensor:
@@ -158,14 +158,24 @@ def _joint_pass(encoders, active, x, scorer: _MixtureScorer | None, latents):
     return logits, kl_all
 
 
-def _mixture_features(encoders, parent, scorer_ids, x):
+def _mixture_members(encoders, parent, scorer_ids, features: dict, x):
+    """(scorer models, their bottom-up features); the parent's pass runs without gradients."""
     scorers = [encoders[k] for k in scorer_ids]
-    features = [encoders[k].encode_bottom_up(x) for k in scorer_ids]
+    scorer_features = [features[k] for k in scorer_ids]
     if parent is not None:
         with torch.no_grad():
-            features.append(parent.encode_bottom_up(x))
+            scorer_features.append(parent.encode_bottom_up(x))
         scorers.append(parent)
-    return scorers, features
+    return scorers, scorer_features
+
+
+def _refresh_normalised_weights(model) -> None:
+    """A conv that did not run in this step (an inactive component's heads, which the mixture
+    scoring reads through normalize_weight) still holds the previous step's normalised weight,
+    which the spectral regulariser reads; recompute it on this step's graph."""
+    for layer in model.encoder_conv_layers():
+        if getattr(layer, "weight_norm", False):
+            layer.weight_normalized = layer.normalize_weight()
 
 
 def joint_loss(encoders: Sequence, parent, x: torch.Tensor, spec: JointSpec, active: Sequence[int],
@@ -180,12 +190,13 @@ def joint_loss(encoders: Sequence, parent, x: torch.Tensor, spec: JointSpec, act
     """
     batch, num_components = x.shape[0], len(encoders)
     scorer_ids = _scorer_indices(spec, num_components, active)
+    features = {k: encoders[k].encode_bottom_up(x) for k in sorted(set(active) | set(scorer_ids))}
     scorer = None
     if scorer_ids:
-        scorers, features = _mixture_features(encoders, parent if spec.include_parent else None,
-                                              scorer_ids, x)
-        scorer = _MixtureScorer(scorers, features, len(active), batch)
-    logits, kl_all = _joint_pass(encoders, list(active), x, scorer, latents)
+        scorers, scorer_features = _mixture_members(encoders, parent if spec.include_parent else None,
+                                                    scorer_ids, features, x)
+        scorer = _MixtureScorer(scorers, scorer_features, len(active), batch)
+    logits, kl_all = _joint_pass(encoders, list(active), x, features, scorer, latents)
     x_rows = x.repeat(len(active), 1, 1, 1)  # [A B, C, H, W], block-major
     rec = reconstruction_loss(encoders[0].decoder_output(logits), x_rows, encoders[0].crop_output)
     rec = rec.view(len(active), batch)  # [A, B]
@@ -202,7 +213,9 @@ def joint_loss(encoders: Sequence, parent, x: torch.Tensor, spec: JointSpec, act
     loss = loss * (num_components / len(active))
     spectral = batchnorm = loss.new_zeros(())
     if layers is not None:
-        for model, regularised in zip(encoders, layers):
+        for index, (model, regularised) in enumerate(zip(encoders, layers)):
+            if index not in active:
+                _refresh_normalised_weights(model)
             spectral = spectral + model.spectral_norm_parallel(regularised.conv_layers)
             batchnorm = batchnorm + model.batchnorm_loss(regularised.bn_layers)
         loss = loss + reg_coeff * (spectral + batchnorm)
