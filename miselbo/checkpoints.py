@@ -1,6 +1,6 @@
 """NVAE-format checkpoints: safe reading, strict loading, atomic saving, architecture checks.
 
-The file format is NVAE's training checkpoint (reference doc §1.2): a dict with the eight keys
+The file format is NVAE's training checkpoint (docs/nvae.md 1.2): a dict with the eight keys
 `epoch, state_dict, optimizer, global_step, args, arch_instance, scheduler, grad_scalar`
 (`grad_scalar` is NVAE's spelling), plus, for our own runs, an optional `miselbo` entry (a plain
 dict: decoder fingerprint, role, seed, parent path and parent fingerprint).
@@ -36,10 +36,10 @@ NVAE_CHECKPOINT_KEYS = ("epoch", "state_dict", "optimizer", "global_step", "args
 # What an NVAE checkpoint legitimately holds beyond tensors and plain containers (checked on the
 # golden checkpoints with torch 2.14.1: the pickled Namespace under `args` is all).
 SAFE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
-# Defaults NVAE's evaluate.py fills for attributes older checkpoints lack (reference doc §1.3).
+# Defaults NVAE's evaluate.py fills for attributes older checkpoints lack (docs/nvae.md 1.3).
 CHECKPOINT_BACKFILL = {"ada_groups": False, "min_groups_per_scale": 1, "num_mixture_dec": 10}
 # Flags that must agree for two checkpoints to share a decoder (or a parent and a new run),
-# mapped to NVAE's defaults for files that lack them: category A of §1.1 (dataset included) plus
+# mapped to NVAE's defaults for files that lack them: category A of docs/nvae.md 1.1 (dataset incl.) plus
 # the category-C flags, which change the model's function (res_dist, num_x_bits).
 ARCHITECTURE_FLAGS = {flag.name: flag.default for flag in NVAE_TRAIN_FLAGS if flag.category in ("A", "C")}
 _WEIGHT_ALIAS_SUFFIX = ".weight_normalized"
@@ -201,7 +201,7 @@ def build_nvae_model(args: argparse.Namespace) -> nn.Module:
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                            source: str = "checkpoint") -> None:
-    """Strict load; the only tolerated gap is a missing `.weight_normalized` alias (§7.1 rule W).
+    """Strict load; the only tolerated gap is a missing `.weight_normalized` alias (docs/nvae.md 7.1).
 
     A missing alias is filled from its sibling `.weight` (same tensor) and logged at debug level.
     Any other missing or unexpected key, or any shape mismatch, raises CheckpointError.

@@ -206,7 +206,8 @@ def average_iwelbo(log_p, log_q) -> torch.Tensor:
     """The members' IWELBOs averaged, shape [...] (nats).
 
     average_iwelbo = (1/S) sum_s [ logsumexp_l (log_p[s, l] - log_q[s, l, s]) - log L ].
-    Always <= miselbo + log S and >= average_elbo on the same samples.
+    On the same samples: average_iwelbo >= average_elbo (Jensen) and average_iwelbo >= miselbo - log S
+    (q_mix >= q_s / S). It can exceed miselbo + log S (tests/test_claims.py has an example).
     """
     return iwelbo(log_p, log_q).mean(dim=-1)
 
@@ -308,8 +309,10 @@ def some_to_some(log_p, log_q, members: Members, generator: torch.Generator | No
 
     s2s = (1/|A|) sum_{s in A} [ logsumexp_l (log_p[s, l] - log_q_mix_A[s, l]) - log L ],
     log_q_mix_A[s, l] = logsumexp_{j in A} log_q[s, l, j] - log |A| (the mixture of the subset only).
-    It is the MISELBO of the sub-ensemble A: a valid bound, cheaper than S2A and looser on average.
-    A = all members gives miselbo; |A| = 1 gives that member's IWELBO.
+    It is the MISELBO of the sub-ensemble A: a lower bound on log p(x) in expectation, cheaper than
+    S2A. At L = 1 it is looser than miselbo on average over A (the entropy is concave); at larger L
+    it can be tighter (tests/test_claims.py). A = all members gives miselbo; |A| = 1 gives that
+    member's IWELBO.
 
     ``members``: as in some_to_all. Cost: samples and densities are needed only from members in A;
     rows s not in A and columns j not in A of log_q are never read nor validated (fill with anything).

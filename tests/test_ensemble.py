@@ -1,6 +1,6 @@
 """The efficient ensemble evaluator against independent computations: the naive S*S*L full forward
 passes (with and without flows, Bernoulli and logistic-mixture outputs, the single-group model), NVAE's
-own importance weights in ../shared/golden, the distribution of the draws, determinism, and the
+own importance weights in tests/golden, the distribution of the draws, determinism, and the
 checks on the members."""
 import gc
 import math

@@ -1,4 +1,4 @@
-"""Building blocks of the NVAE-compatible model (reference doc §3), each against a hand computation."""
+"""Building blocks of the NVAE-compatible model (docs/nvae.md 3), each against a hand computation."""
 import copy
 
 import pytest

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Decoder modules, written out independently of miselbo.nvae.model (reference doc §6.10).
+# Decoder modules, written out independently of miselbo.nvae.model (docs/nvae.md 6.10).
 DECODER_PREFIXES = ("prior_ftr0", "dec_tower.", "dec_sampler.", "post_process.", "image_conditional.",
                     "stem_decoder.")
 TINY_ARCH = ["--dataset", "mnist5k", "--num_channels_enc", "4", "--num_channels_dec", "4",

@@ -1,1 +1,1 @@
-"""An NVAE-compatible hierarchical VAE, written from ../shared/docs/nvae-reference.md."""
+"""An NVAE-compatible hierarchical VAE, described in docs/nvae.md."""

@@ -1,5 +1,5 @@
-"""NVAE's configuration surface: train.py flags, architecture tables, dataset sizes (reference doc
-§1.1, §2.1, §2.2, §2.4, §6.1), and the frozen `ModelConfig` the model is built from.
+"""NVAE's configuration surface: train.py flags, architecture tables, dataset sizes (docs/nvae.md
+1.1, 2.1, 2.2, 2.4, 6.1), and the frozen `ModelConfig` the model is built from.
 
 The argparse namespace is NVAE's external format (command line, checkpoints). `ModelConfig.from_args`
 converts it once; the model reads only the dataclass.
@@ -19,7 +19,7 @@ CHANNEL_MULT = 2  # every down-sampling cell doubles the width, every up-samplin
 def groups_per_scale(num_scales: int, num_groups: int, adaptive: bool, divider: int = 2,
                      minimum: int = 1) -> list[int]:
     """Groups of each latent scale, finest first: n_0 = num_groups, n_{s+1} = max(minimum, n_s // divider)
-    when adaptive, else all num_groups (§2.1)."""
+    when adaptive, else all num_groups (docs/nvae.md 2.1)."""
     if num_scales < 1 or num_groups < 1:
         raise ValueError(f"groups_per_scale: num_scales ({num_scales}) and num_groups ({num_groups}) "
                          f"must be >= 1")
@@ -45,7 +45,7 @@ def _unsupported(helper: str, dataset: str) -> ValueError:
 
 
 def input_size(dataset: str) -> int:
-    """Side length of the (square) model input (§2.2); mnist/omniglot are padded to 32."""
+    """Side length of the (square) model input (docs/nvae.md 2.2); mnist/omniglot are padded to 32."""
     if dataset in _FIXED_INPUT_SIZES:
         return _FIXED_INPUT_SIZES[dataset]
     if dataset.startswith(_SIZE_SUFFIX_PREFIXES):
@@ -77,7 +77,7 @@ def crop_output(dataset: str) -> bool:
 
 
 def num_output_dims(dataset: str) -> int:
-    """Number of data dimensions for bits/dim: 784 for mnist/omniglot, else 3 * size^2 (§2.2)."""
+    """Number of data dimensions for bits/dim: 784 (mnist/omniglot) or 3 * size^2 (docs/nvae.md 2.2)."""
     if dataset in BERNOULLI_DATASETS:
         return 28 * 28
     return 3 * input_size(dataset) ** 2
@@ -119,7 +119,7 @@ UNBUILDABLE_ARCHS = ("res_mbconv9",)
 
 
 def get_arch_cells(name: str) -> dict[str, list[str]]:
-    """A fresh copy of the cell-type -> op-list table for arch_instance `name` (§2.4)."""
+    """A fresh copy of the cell-type -> op-list table for arch_instance `name` (docs/nvae.md 2.4)."""
     if name in UNBUILDABLE_ARCHS:
         raise ValueError(f"arch_instance {name!r} cannot be built: NVAE's table names ops "
                          f"(mconv_e6k9g0, mconv_e3k9g0) that its op table lacks")
@@ -133,7 +133,7 @@ def get_arch_cells(name: str) -> dict[str, list[str]]:
 @dataclass(frozen=True)
 class TrainFlag:
     """One NVAE train.py flag. type None marks a store_true switch. category: A changes the
-    parameters, C the computation only, T the training procedure, I infrastructure (§1.1)."""
+    parameters, C the computation only, T the training procedure, I infrastructure (docs/nvae.md 1.1)."""
     name: str
     type: Any
     default: Any
@@ -228,7 +228,7 @@ def default_nvae_args(**overrides) -> argparse.Namespace:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Every setting the AutoEncoder reads (categories A and C of §1.1), validated once."""
+    """Every setting the AutoEncoder reads (categories A and C of docs/nvae.md 1.1), validated once."""
     dataset: str
     arch_instance: str
     num_channels_enc: int
@@ -318,7 +318,7 @@ class ModelConfig:
 
     @property
     def spatial_scaling(self) -> int:
-        """c_scaling = spatial_scaling = 2^(P + S - 1) (§6.1)."""
+        """c_scaling = spatial_scaling = 2^(P + S - 1) (docs/nvae.md 6.1)."""
         return CHANNEL_MULT ** (self.num_preprocess_blocks + self.num_latent_scales - 1)
 
     @property

@@ -1,4 +1,4 @@
-"""Latent and output distributions of the NVAE-compatible model (reference doc §0, §2.7, §5, §6.6).
+"""Latent and output distributions of the NVAE-compatible model (docs/nvae.md 0, 2.7, 5, 6.6).
 
 Every function takes its device and dtype from its inputs: float32 in gives float32 out, float64
 works too, CPU and CUDA alike.
@@ -13,7 +13,7 @@ NVAE_COLOUR_DATASETS = (
     "stacked_mnist", "cifar10", "celeba_64", "celeba_256", "imagenet_32", "imagenet_64", "ffhq",
     "lsun_bedroom_128", "lsun_bedroom_256", "lsun_church_64", "lsun_church_128",
 )
-CROP_START, CROP_STOP = 2, 30  # the 28x28 MNIST area inside the 32x32 canvas (§2.7)
+CROP_START, CROP_STOP = 2, 30  # the 28x28 MNIST area inside the 32x32 canvas (docs/nvae.md 2.7)
 SIGMA_FLOOR = 1e-2
 LOG_SCALE_MIN = -7.0
 GUMBEL_UNIFORM_EPS = 1e-5
@@ -33,7 +33,7 @@ def _check_unit_interval(x: torch.Tensor, where: str) -> None:
 
 
 class Normal:
-    """Diagonal Normal with NVAE's parameter transform (§5.1).
+    """Diagonal Normal with NVAE's parameter transform (docs/nvae.md 5.1).
 
     mu = sc(mu_raw); sigma = (exp(sc(log_sigma_raw)) + 0.01) * temp.
     """
@@ -74,7 +74,7 @@ class Normal:
 
 
 class NormalDecoder:
-    """Continuous Normal likelihood on 2x - 1 for 3-channel images (§5.3).
+    """Continuous Normal likelihood on 2x - 1 for 3-channel images (docs/nvae.md 5.3).
 
     logits [B, 6, H, W]: channels 0-2 raw means, 3-5 raw log-scales (transformed as in Normal).
     """
@@ -91,7 +91,7 @@ class NormalDecoder:
 
     def sample(self, t: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """x = clamp(z, -1, 1) / 2 + 0.5 with z ~ N(mu, sigma); t is ignored, as in NVAE."""
-        del t  # NVAE's Normal decoder ignores the temperature (§11.1)
+        del t  # NVAE's Normal decoder ignores the temperature (docs/nvae.md 11.1)
         z, _ = self.dist.sample(generator)
         return torch.clamp(z, -1.0, 1.0) / 2.0 + 0.5
 
@@ -112,7 +112,7 @@ def _couple_colours(values: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
 
 
 class DiscMixLogistic:
-    """Discretised mixture of logistics over RGB with linear colour coupling (§5.4).
+    """Discretised mixture of logistics over RGB with linear colour coupling (docs/nvae.md 5.4).
 
     param [B, 10 M, H, W]: channels [0, M) mixture logits; colour c uses channels
     M + 3Mc + [0, M) means, + [M, 2M) log-scales (clamped below at -7), + [2M, 3M) tanh-coefficients.
@@ -204,13 +204,13 @@ class DiscMixLogistic:
 
 
 def bernoulli_output(logits: torch.Tensor) -> torch.distributions.Bernoulli:
-    """Bernoulli(logits): log p(x) = x l - softplus(l), mean = sigmoid(l) (§5.2)."""
+    """Bernoulli(logits): log p(x) = x l - softplus(l), mean = sigmoid(l) (docs/nvae.md 5.2)."""
     return torch.distributions.Bernoulli(logits=logits)
 
 
 def output_distribution(logits: torch.Tensor, dataset: str, num_mix_output: int, num_bits: int):
-    """NVAE's decoder_output (§6.6): Bernoulli for mnist/omniglot; for colour datasets the Normal
-    decoder if num_mix_output == 1, else the discretised logistic mixture."""
+    """NVAE's decoder_output (docs/nvae.md 6.6): Bernoulli for mnist/omniglot; for colour datasets
+    the Normal decoder if num_mix_output == 1, else the discretised logistic mixture."""
     if dataset in NVAE_BERNOULLI_DATASETS:
         return bernoulli_output(logits)
     if dataset in NVAE_COLOUR_DATASETS:
@@ -234,7 +234,7 @@ def output_image(dist, t: float = 1.0, mean: bool = False,
 
 def reconstruction_loss(dist, x: torch.Tensor, crop: bool) -> torch.Tensor:
     """-log p(x | z) per example, [B]: -sum of dist.log_prob(x) over non-batch axes, over the
-    central rows/columns [2:30] only when crop (28x28 data on a 32x32 canvas, §2.7)."""
+    central rows/columns [2:30] only when crop (28x28 data on a 32x32 canvas, docs/nvae.md 2.7)."""
     log_prob = dist.log_prob(x)  # [B, C, H, W] or [B, H, W]
     if crop:
         height, width = log_prob.shape[-2:]

@@ -1,9 +1,9 @@
-"""NVAE's additive autoregressive flow cells, their masked convolutions and their inverse (§4).
+"""NVAE's additive autoregressive flow cells, their masked convolutions and their inverse (docs/nvae.md 4).
 
 A flow cell maps z to z_new = z - mu(z), where mu is strictly autoregressive in the order
 "pixel in raster order, then channel ascending" (mirrored cells reverse the pixel order). Its
 Jacobian is unit-triangular, so log_det = 0, and z = z_new + mu(z) is solved by fixed-point
-iteration, exact after at most D = C*H*W steps (§4.6).
+iteration, exact after at most D = C*H*W steps (docs/nvae.md 4.6).
 """
 import math
 from typing import NamedTuple, Sequence
@@ -29,7 +29,7 @@ def default_inversion_tol(dtype: torch.dtype) -> float:
 
 def channel_mask(c_in: int, g_in: int, c_out: int, zero_diag: bool) -> torch.Tensor:
     """Centre-tap connectivity [c_out, c_in // g_in]: output block i sees input channels < i
-    (and i itself unless zero_diag); blocks as in §4.1."""
+    (and i itself unless zero_diag); blocks as in docs/nvae.md 4.1."""
     if not (c_in % c_out == 0 or c_out % c_in == 0):
         raise ValueError(f"channel_mask: c_in={c_in} and c_out={c_out} must divide one another")
     if g_in == 1:
@@ -70,7 +70,7 @@ def conv_mask(kernel_size: int, c_in: int, g_in: int, c_out: int, zero_diag: boo
 
 
 class ARConv2d(nn.Conv2d):
-    """Masked weight-normalised convolution (§4.2): y = conv(x, exp(g) * (w*m) / (||(w*m)_o|| + 1e-5)).
+    """Masked WN convolution (docs/nvae.md 4.2): y = conv(x, exp(g) * (w*m) / (||(w*m)_o|| + 1e-5)).
 
     The mask is a non-persistent buffer (follows .to(), absent from the state_dict). The
     normalised weight of the latest forward is kept in `weight_normalized` for the spectral
@@ -113,7 +113,7 @@ class ARConv2d(nn.Conv2d):
 
 
 class ELUConv(nn.Module):
-    """x -> conv_0(ELU(x)) with a masked ARConv2d whose log_weight_norm starts ln(coeff) higher (§4.3)."""
+    """x -> conv_0(ELU(x)) with a masked ARConv2d, log_weight_norm ln(coeff) higher (docs/nvae.md 4.3)."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, padding: int = 0, dilation: int = 1,
                  masked: bool = True, zero_diag: bool = True, weight_init_coeff: float = 1.0,
@@ -129,7 +129,8 @@ class ELUConv(nn.Module):
 
 
 class ARInvertedResidual(nn.Module):
-    """convz = [masked 3x3 (zero_diag), ELU, masked depthwise k x k, ELU]; the context is ignored (§4.4)."""
+    """convz = [masked 3x3 (zero_diag), ELU, masked depthwise k x k, ELU]; the context is ignored
+    (docs/nvae.md 4.4)."""
 
     def __init__(self, inz: int, inf: int, ex: int = FLOW_EXPANSION, dil: int = 1,
                  k: int = FLOW_KERNEL, mirror: bool = False):
@@ -187,7 +188,7 @@ def invert_additive_flow(shift, z_new: torch.Tensor, tol: float | None = None,
 
 
 class CellAR(nn.Module):
-    """One additive AR flow step z_new = z - mu(z), mu = mu_head(conv(z)); log_det = 0 (§4.5)."""
+    """Additive AR flow step z_new = z - mu(z), mu = mu_head(conv(z)), log_det = 0 (docs/nvae.md 4.5)."""
 
     def __init__(self, num_z: int, num_ftr: int, num_c: int, arch=None, mirror: bool = False):
         super().__init__()
@@ -214,7 +215,7 @@ class CellAR(nn.Module):
 
 
 class PairedCellAR(nn.Module):
-    """cell1 (raster order) then cell2 (mirrored order); log_det = sum of both = 0 (§4.5)."""
+    """cell1 (raster order) then cell2 (mirrored order); log_det = sum of both = 0 (docs/nvae.md 4.5)."""
 
     def __init__(self, num_z: int, num_ftr: int, num_c: int, arch=None):
         super().__init__()

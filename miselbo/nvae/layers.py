@@ -1,11 +1,11 @@
-"""NVAE's building blocks (reference doc §3): weight-normalised convolution, batch-norm variants,
+"""NVAE's building blocks (docs/nvae.md 3): weight-normalised convolution, batch-norm variants,
 the operation table, skip connections, squeeze-excitation, residual and combiner cells.
 
-Module and attribute names follow NVAE so that state_dict keys match its checkpoints (§7.1).
+Module and attribute names follow NVAE so that state_dict keys match its checkpoints (docs/nvae.md 7.1).
 
 Deliberate deviation: loading a state_dict into a `Conv2D` with data-dependent initialisation marks
 that initialisation done, so loaded or resumed weights are never overwritten by a re-init on the
-first forward (NVAE's quirk §3.2 / §11.1 would destroy trained `res_elu` weights).
+first forward (NVAE's quirk, docs/nvae.md 3.2 and 11.1, would destroy trained `res_elu` weights).
 """
 from __future__ import annotations
 
@@ -44,11 +44,11 @@ def upsample_nearest(x: torch.Tensor) -> torch.Tensor:
 
 
 class Conv2D(nn.Conv2d):
-    """Weight-normalised convolution (§3.2): y = conv(x, w_hat), w_hat_o = exp(g_o) w_o / (||w_o|| + 1e-5).
+    """Weight-normalised convolution: y = conv(x, w_hat), w_hat_o = exp(g_o) w_o / (||w_o|| + 1e-5).
 
     With weight_norm=False, w_hat = w and, as in NVAE, the same Parameter is also registered as
-    `weight_normalized` (rule W: two state_dict entries, one parameter). With data_init=True the
-    first forward sets bias and log_weight_norm from the data (§3.2) unless weights were loaded.
+    `weight_normalized` (two state_dict entries, one parameter). With data_init=True the first
+    forward sets bias and log_weight_norm from the data unless weights were loaded (docs/nvae.md 3.2).
     """
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int = 1, padding: int = 0,
@@ -67,7 +67,7 @@ class Conv2D(nn.Conv2d):
                 self.weight_normalized = self.normalize_weight()
         else:
             self.log_weight_norm = None
-            self.weight_normalized = self.weight  # registers the alias (rule W)
+            self.weight_normalized = self.weight  # registers the alias (docs/nvae.md 7.1)
 
     def normalize_weight(self) -> torch.Tensor:
         """w_hat = exp(log_weight_norm) * w / (||w_o|| + 1e-5), or w itself without weight norm."""
@@ -121,7 +121,7 @@ class Conv2D(nn.Conv2d):
 
 
 class BatchNorm(nn.Module):
-    """NVAE's wrapped (sync) batch norm: one child `bn`, so keys read `<name>.bn.*` (§3.3)."""
+    """NVAE's wrapped (sync) batch norm: one child `bn`, so keys read `<name>.bn.*` (docs/nvae.md 3.3)."""
 
     def __init__(self, num_features: int, eps: float = BN_EPS, momentum: float = BN_MOMENTUM):
         super().__init__()
@@ -226,7 +226,7 @@ class ConvBNSwish(nn.Module):
 class InvertedResidual(nn.Module):
     """mconv_*: [U], BN, 1x1 ConvBNSwish to h = round(C_in ex), k x k grouped ConvBNSwish, 1x1 conv, BN.
 
-    Groups: h if g == 0 (depthwise) else g. No internal residual addition (§3.5).
+    Groups: h if g == 0 (depthwise) else g. No internal residual addition (docs/nvae.md 3.5).
     """
 
     def __init__(self, C_in: int, C_out: int, stride: int, ex: int, dil: int, k: int, g: int):
@@ -266,7 +266,7 @@ OPS = {
 
 
 def make_op(name: str, C_in: int, C_out: int, stride: int) -> nn.Module:
-    """The operation `name` of the table (§3.4), with a clear error for unknown names."""
+    """The operation `name` of the table (docs/nvae.md 3.4), with a clear error for unknown names."""
     if name not in OPS:
         raise ValueError(f"unknown NVAE operation {name!r}; known: {sorted(OPS)}")
     return OPS[name](C_in, C_out, stride)
@@ -275,7 +275,7 @@ def make_op(name: str, C_in: int, C_out: int, stride: int) -> nn.Module:
 # ----------------------------------------------------------------------------- skips, SE, cells
 
 def stride_of(cell_type: str) -> int:
-    """1 for normal*/combiner*, 2 for down*, -1 (x2 up-sampling) for up* cell types (§2.3)."""
+    """1 for normal*/combiner*, 2 for down*, -1 (x2 up-sampling) for up* cell types (docs/nvae.md 2.3)."""
     if cell_type.startswith(("normal", "combiner")):
         return 1
     if cell_type.startswith("down"):
@@ -287,7 +287,7 @@ def stride_of(cell_type: str) -> int:
 
 class FactorizedReduce(nn.Module):
     """C_in -> C_out at half resolution: concat of four stride-2 1x1 convs of swish(x), each on x
-    shifted by (0,0), (1,1), (0,1), (1,0) pixels (§3.6)."""
+    shifted by (0,0), (1,1), (0,1), (1,0) pixels (docs/nvae.md 3.6)."""
 
     def __init__(self, C_in: int, C_out: int):
         super().__init__()
@@ -338,7 +338,7 @@ class SE(nn.Module):
 
 
 class Cell(nn.Module):
-    """Residual cell: y = skip(x) + 0.1 * SE(op_n(... op_1(x))) (§3.8)."""
+    """Residual cell: y = skip(x) + 0.1 * SE(op_n(... op_1(x))) (docs/nvae.md 3.8)."""
 
     def __init__(self, C_in: int, C_out: int, cell_type: str, arch: list[str], use_se: bool):
         super().__init__()

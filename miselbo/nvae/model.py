@@ -1,4 +1,4 @@
-"""NVAE's hierarchical VAE `AutoEncoder` (reference doc §6, §7), plus the API MISELBO builds on.
+"""NVAE's hierarchical VAE `AutoEncoder` (docs/nvae.md 6, 7), plus the API MISELBO builds on.
 
 Latent groups are numbered in decoder order g = 0..G-1 (g = 0 coarsest). One top-down routine,
 `top_down(batch_size, choose_z)`, serves `forward` and `sample`: at every group it hands the
@@ -7,7 +7,7 @@ decoder combiner. The posterior side is split into `encode_bottom_up` (once per 
 (per group, on any decoder state) and `apply_flows` / `invert_flows`, so an evaluator can score
 several encoders on one decoder pass.
 
-State_dict keys, module order and the order of random draws follow NVAE (§6.2, §6.11, §7.1).
+State_dict keys, module order and the order of random draws follow NVAE (docs/nvae.md 6.2, 6.11, 7.1).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from miselbo.nvae.distributions import Normal, output_distribution
 from miselbo.nvae.flows import ARConv2d, PairedCellAR, invert_flow_chain
 from miselbo.nvae.layers import Cell, Conv2D, DecCombinerCell, EncCombinerCell
 
-# The two halves (§6.10): top-level modules of the encoder q_phi and of the decoder p_theta.
+# The two halves (docs/nvae.md 6.10): top-level modules of the encoder q_phi and the decoder p_theta.
 ENCODER_MODULE_NAMES = ("stem", "pre_process", "enc_tower", "enc0", "enc_sampler", "nf_cells")
 DECODER_MODULE_NAMES = ("prior_ftr0", "dec_tower", "dec_sampler", "post_process", "image_conditional",
                         "stem_decoder")
@@ -37,7 +37,7 @@ _ALIAS_SUFFIX = ".weight_normalized"
 
 
 def is_decoder_key(state_dict_key: str) -> bool:
-    """True for a state_dict key of the decoder p_theta, False for the encoder q_phi (§6.10)."""
+    """True for a state_dict key of the decoder p_theta, False for the encoder q_phi (docs/nvae.md 6.10)."""
     top = state_dict_key.split(".", 1)[0]
     if top in DECODER_MODULE_NAMES:
         return True
@@ -145,7 +145,7 @@ class AutoEncoder(nn.Module):
     # ------------------------------------------------------------------------- construction
 
     def _copy_nvae_attributes(self, config: ModelConfig) -> None:
-        """The plain attributes NVAE's model carries (§6.1)."""
+        """The plain attributes NVAE's model carries (docs/nvae.md 6.1)."""
         self.dataset = config.dataset
         self.crop_output = config.crop_output
         self.use_se = config.use_se
@@ -257,7 +257,8 @@ class AutoEncoder(nn.Module):
         return cells, mult
 
     def _collect_layers(self) -> None:
-        """all_conv_layers, all_log_norm (None without weight norm) and all_bn_layers in walk order (§6.7)."""
+        """all_conv_layers, all_log_norm (None without weight norm) and all_bn_layers in walk order
+        (docs/nvae.md 6.7)."""
         self.all_log_norm, self.all_conv_layers, self.all_bn_layers = [], [], []
         for module in self.modules():
             if isinstance(module, CONV_LAYER_TYPES):
@@ -268,7 +269,7 @@ class AutoEncoder(nn.Module):
 
     def _encoder_combiner_positions(self) -> list:
         """enc_combiner_index[g] = position in enc_tower of group g's combiner (None for g = 0):
-        group g >= 1 pairs with the (g-1)-th combiner counted from the top (§6.4 notes)."""
+        group g >= 1 pairs with the (g-1)-th combiner counted from the top (docs/nvae.md 6.4, notes)."""
         positions = [i for i, cell in enumerate(self.enc_tower) if isinstance(cell, EncCombinerCell)]
         return [None] + list(reversed(positions))
 
@@ -308,7 +309,7 @@ class AutoEncoder(nn.Module):
 
     def posterior_raw(self, group: int, features: EncoderFeatures, state: torch.Tensor,
                       prior_raw: PriorRaw | None) -> PosteriorRaw:
-        """Raw posterior of group g (§6.4 step 4, 6.i.2-4): h = enc0 output (g = 0) or
+        """Raw posterior of group g (docs/nvae.md 6.4, steps 4 and 6.i.2-4): h = enc0 output (g = 0) or
         combiner_g(feature_g, state); (mu_q, ls_q) = sampler_g(h); with res_dist and g >= 1 the
         prior's raw values are added: (mu_p + mu_q, ls_p + ls_q)."""
         if group == 0:
@@ -431,11 +432,11 @@ class AutoEncoder(nn.Module):
         return ForwardResult(logits, log_q, log_p, kl_all, kl_diag, records)
 
     def forward(self, x: torch.Tensor, z: Sequence[torch.Tensor] | None = None):
-        """(logits, log_q [B], log_p [B], kl_all G x [B], kl_diag G x [L]) as in NVAE (§6.4)."""
+        """(logits, log_q [B], log_p [B], kl_all G x [B], kl_diag G x [L]) as in NVAE (docs/nvae.md 6.4)."""
         return self.forward_detailed(x, z).as_nvae_tuple()
 
     def sample(self, num_samples: int, t: float, z: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits of prior samples at temperature t (every group's sigma times t, §6.5); z = the
+        """Logits of prior samples at temperature t (every group's sigma times t, docs/nvae.md 6.5); z = the
         per-group latents to feed the decoder instead of drawing them."""
         self._check_latents(z, num_samples, "sample")
 
@@ -447,14 +448,14 @@ class AutoEncoder(nn.Module):
         return self.top_down(num_samples, choose_prior_z)
 
     def decoder_output(self, logits: torch.Tensor):
-        """The output distribution of `logits` (§6.6)."""
+        """The output distribution of `logits` (docs/nvae.md 6.6)."""
         return output_distribution(logits, self.dataset, self.num_mix_output, self.num_bits)
 
     # ------------------------------------------------------------------------- regularisers
 
     def spectral_norm_parallel(self, conv_layers: Sequence[nn.Module] | None = None) -> torch.Tensor:
         """R_sn = sum_j sigma_j, sigma_j = u_j^T W_j v_j with u, v from batched power iteration on
-        each conv's weight_normalized (as a C_out x rest matrix), grouped by shape (§6.8).
+        each conv's weight_normalized (as a C_out x rest matrix), grouped by shape (docs/nvae.md 6.8).
 
         Vectors persist in sr_u / sr_v per shape; a new shape (or a changed layer count for a
         shape, when called with another subset) restarts with 10 * num_power_iter iterations.
@@ -492,7 +493,7 @@ class AutoEncoder(nn.Module):
         return u, v
 
     def batchnorm_loss(self, bn_layers: Sequence[nn.Module] | None = None) -> torch.Tensor:
-        """R_bn = sum over affine BN layers of max_c |gamma_c| (§6.9); 0 without any."""
+        """R_bn = sum over affine BN layers of max_c |gamma_c| (docs/nvae.md 6.9); 0 without any."""
         loss = self.prior_ftr0.new_zeros(())
         for layer in self.all_bn_layers if bn_layers is None else bn_layers:
             if layer.affine:

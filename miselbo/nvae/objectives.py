@@ -1,6 +1,6 @@
 """NVAE's training-objective weights: KL warm-up, KL balancing, and the regulariser coefficient.
 
-Written from the reference doc §2.6 and §2.9. Latent groups are in decoder order (g = 0 is the
+Described in docs/nvae.md 2.6 and 2.9. Latent groups are in decoder order (g = 0 is the
 coarsest, first-sampled group); `groups_per_scale` is in NVAE's order (index 0 = finest scale).
 All KL values are in nats per example.
 """
@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-# Added to the mean absolute KL of each group before balancing (reference doc §2.6).
+# Added to the mean absolute KL of each group before balancing (docs/nvae.md 2.6).
 KL_BALANCE_OFFSET = 0.01
 # Per-scale weight w_i for the decoder-order scale index i, and whether it is divided by the
 # number of groups n_i of that scale; every rule's weights are then divided by their minimum.

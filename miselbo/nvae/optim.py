@@ -1,9 +1,9 @@
-"""NVAE's optimiser and learning-rate schedule (reference doc §8.1 steps 5-6, §8.2, §8.3).
+"""NVAE's optimiser and learning-rate schedule (docs/nvae.md 8.1 steps 5-6, 8.2, 8.3).
 
 Optimiser: Adamax with eps 1e-3 and betas (0.9, 0.999), either `torch.optim.Adamax` or our
 `StackedAdamax` ("fast" variant), which does the same arithmetic on one stacked vector per
 parameter group, dtype and device (NVAE stacks per shape; one flat stack needs fewer operations).
-Unlike NVAE's fast Adamax (defect D3, §10.5) it skips every parameter without a gradient, so a
+Unlike NVAE's fast Adamax (defect D3, docs/nvae.md 10.5) it skips every parameter without a gradient, so a
 frozen decoder stays bit-identical, and it uses each parameter's own step count.
 
 StackedAdamax state format (identical to `torch.optim.Adamax`, so checkpoints can switch between
@@ -157,7 +157,7 @@ def learning_rate(epoch: int, global_step: int, *, peak_lr: float, min_lr: float
     η = peak_lr (--learning_rate), η_min = min_lr (--learning_rate_min), E_w = warmup_epochs,
     W_it = iterations_per_epoch · E_w, η_W = η·(W_it − 1)/W_it (η if W_it = 0),
     k = max(0, epoch − E_w), T = epochs − E_w − 1; the cosine part is PyTorch's recursive
-    CosineAnnealingLR update telescoped (reference doc §8.2).
+    CosineAnnealingLR update telescoped (docs/nvae.md 8.2).
     """
     if not 0 <= epoch < epochs:
         raise ValueError(f"learning_rate: epoch {epoch} is outside 0 … {epochs - 1}.")

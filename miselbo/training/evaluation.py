@@ -1,4 +1,4 @@
-"""NVAE's test routine (reference doc §8.6): NELBO and the importance-weighted −log p(x).
+"""NVAE's test routine (docs/nvae.md 8.6): NELBO and the importance-weighted −log p(x).
 
 For each test image x and K posterior draws z_k ~ q(z | x):
   NELBO  = (1/K) Σ_k [ rec_k + Σ_g KL_g,k ]                       (analytic KL without flows)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from miselbo.nvae.distributions import output_image
 from miselbo.training.objective import LossTerms
 
-ACTIVE_UNIT_KL = 0.1  # a latent channel with KL > 0.1 nats counts as active (§8.4 step 8)
+ACTIVE_UNIT_KL = 0.1  # a latent channel with KL > 0.1 nats counts as active (docs/nvae.md 8.4, step 8)
 SAMPLE_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)
 NUM_SAMPLE_IMAGES = 16
 MAX_GRID_IMAGES = 64
@@ -71,7 +71,7 @@ class Board:
 
 
 def log_step_scalars(board: Board, terms: LossTerms, epoch_loss: float, lr: float, step: int) -> None:
-    """§8.4 step 8: regularisers, λ, epoch average, lr, KL, reconstruction, β, per-group values."""
+    """Regularisers, λ, epoch average, lr, KL, reconstruction, β, per-group values (docs/nvae.md 8.4)."""
     for tag, value in (("train/norm_loss", terms.spectral), ("train/bn_loss", terms.batchnorm),
                        ("train/norm_coeff", terms.reg_coeff), ("train/nelbo_avg", epoch_loss),
                        ("train/lr", lr), ("train/nelbo_iter", terms.loss.detach()),

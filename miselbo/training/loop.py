@@ -1,4 +1,4 @@
-"""One training step and one training epoch (reference doc §8.2, §8.4).
+"""One training step and one training epoch (docs/nvae.md 8.2, 8.4).
 
 Step: warm-up learning rate; zero gradients; under autocast (float16, CUDA only) the objective of
 objective.nelbo_loss; all processes agree on stop requests and on a finite loss; scaled backward;
@@ -47,7 +47,7 @@ class StepParts:
 
 
 def step_weights(settings: TrainSettings, global_step: int, num_total_iter: int) -> tuple[float, float]:
-    """(β, λ) at a global step: KL warm-up weight and regulariser coefficient (§2.6, §2.9)."""
+    """(β, λ) at a global step: KL warm-up weight and regulariser coefficient (docs/nvae.md 2.6, 2.9)."""
     beta = kl_coeff(global_step, num_total_iter, settings.kl_anneal_portion,
                     settings.kl_const_portion, settings.kl_const_coeff)
     lam = regulariser_coefficient(beta, settings.weight_decay_norm, settings.weight_decay_norm_init,

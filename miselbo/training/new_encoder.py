@@ -4,7 +4,7 @@ The new model is built from its own seed, then EVERY decoder tensor of the paren
 buffers of prior_ftr0, dec_tower, dec_sampler, post_process, image_conditional, stem_decoder,
 batch-norm running statistics and counters) is copied into it, and the decoder is frozen: no
 gradients, no data-dependent init, batch norm kept in eval mode (model.freeze_decoder). This
-fixes defects D1 and D2 of the public MISELBO code (reference doc §10.5).
+fixes defects D1 and D2 of the public MISELBO code (docs/nvae.md 10.5).
 """
 from __future__ import annotations
 

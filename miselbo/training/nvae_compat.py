@@ -28,7 +28,7 @@ FID_DIMS = 2048
 
 
 def test(valid_queue, model, num_samples: int, args, logging):
-    """NVAE's test routine (§8.6); returns (neg_log_p, nelbo) in nats per image."""
+    """NVAE's test routine (docs/nvae.md 8.6); returns (neg_log_p, nelbo) in nats per image."""
     result = evaluate_bounds(valid_queue, model, num_samples, args.num_x_bits)
     if logging is not None:
         logging.info("test (%d importance samples): NELBO %f, -log p %f (nats per image)",

@@ -1,4 +1,4 @@
-"""NVAE's training objective for one batch (reference doc §8.4 step 5).
+"""NVAE's training objective for one batch (docs/nvae.md 8.4, step 5).
 
 loss = mean_b [ rec_b + β Σ_g γ_g KL_bg ] + λ (R_sn + R_bn), with rec_b = −log p(x_b | z_b) (cropped
 to 28x28 for MNIST), β the KL warm-up weight, γ the balancing weights (only while β < 1), λ the

@@ -1,4 +1,4 @@
-"""One process's training run (reference doc §8.1): set up, epochs, checkpoints, final test.
+"""One process's training run (docs/nvae.md 8.1): set up, epochs, checkpoints, final test.
 
 `run_training(args, setup, device, resume_command)` is what every process executes, whether it
 was started directly, spawned NVAE-style or by torchrun. Only rank 0 writes files.
@@ -90,7 +90,7 @@ def parameter_sha256(model: torch.nn.Module) -> str:
 
 
 def seed_everything(seed: int) -> None:
-    """§8.1 step 1: torch (CPU and every CUDA device) and NumPy."""
+    """docs/nvae.md 8.1, step 1: torch (CPU and every CUDA device) and NumPy."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2 ** 32)
     if torch.cuda.is_available():

@@ -5,11 +5,11 @@ import argparse
 import math
 from dataclasses import dataclass
 
-VALID_IW_SAMPLES = 10  # importance samples of the per-epoch test (§8.1 step 10.4)
-LONG_RUN_EPOCHS = 50  # longer runs validate every LONG_RUN_EVAL_FREQ epochs (§8.1)
+VALID_IW_SAMPLES = 10  # importance samples of the per-epoch test (docs/nvae.md 8.1)
+LONG_RUN_EPOCHS = 50  # longer runs validate every LONG_RUN_EVAL_FREQ epochs (docs/nvae.md 8.1)
 LONG_RUN_EVAL_FREQ = 20
-CHECKPOINTS_PER_RUN = 100  # a checkpoint every ceil(epochs / 100) epochs (§1.2)
-PARAMETER_AVERAGING_PERIOD = 100  # average parameters across processes every 100 batches (§8.4)
+CHECKPOINTS_PER_RUN = 100  # a checkpoint every ceil(epochs / 100) epochs (docs/nvae.md 1.2)
+PARAMETER_AVERAGING_PERIOD = 100  # average parameters across processes every 100 batches (docs/nvae.md 8.4)
 SCALAR_LOG_PERIOD = 100  # TensorBoard scalars every 100 global steps
 IMAGE_LOG_PERIOD = 1000  # input/reconstruction grids every 1000 global steps
 GRAD_SCALER_INIT_SCALE = 2.0 ** 10
@@ -17,7 +17,7 @@ GRAD_SCALER_INIT_SCALE = 2.0 ** 10
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """What the loop needs from the command line (reference doc §1.1, §8)."""
+    """What the loop needs from the command line (docs/nvae.md 1.1, 8)."""
     epochs: int
     warmup_epochs: int
     batch_size: int
@@ -55,11 +55,11 @@ class TrainSettings:
         return epoch == self.epochs - 1
 
     def validates_after(self, epoch: int) -> bool:
-        """§8.1: epoch % eval_freq == 0 or the last epoch."""
+        """docs/nvae.md 8.1: epoch % eval_freq == 0 or the last epoch."""
         return epoch % self.eval_freq == 0 or self.is_last_epoch(epoch)
 
     def checkpoints_after(self, epoch: int) -> bool:
-        """§1.2: epoch % ceil(epochs / 100) == 0 or the last epoch."""
+        """docs/nvae.md 1.2: epoch % ceil(epochs / 100) == 0 or the last epoch."""
         return epoch % self.checkpoint_freq == 0 or self.is_last_epoch(epoch)
 
     @property
