@@ -2,7 +2,8 @@
 
 Step: warm-up learning rate; zero gradients; under autocast (float16, CUDA only) the objective of
 objective.nelbo_loss; all processes agree on stop requests and on a finite loss; scaled backward;
-gradients averaged across processes; GradScaler step (skips inf/NaN gradients) and update.
+gradients averaged across processes; without a GradScaler (CPU) a non-finite gradient norm stops
+the run before the update; GradScaler step (skips inf/NaN gradients) and update.
 With a frozen decoder only encoder parameters are in the optimizer and the regularisers cover
 encoder layers only; gradients still flow through the decoder's activations.
 """
@@ -21,7 +22,8 @@ from miselbo.nvae.optim import apply_warmup_learning_rate
 from miselbo.training.checkpointing import Progress
 from miselbo.training.objective import LossTerms, RegularisedLayers, nelbo_loss
 from miselbo.training.settings import PARAMETER_AVERAGING_PERIOD, TrainSettings
-from miselbo.training.stop import StepGuard, StopAfterStep
+from miselbo.training.nonfinite import gradients_finite, locate_forward, locate_gradient
+from miselbo.training.stop import NonFiniteLoss, StepGuard, StopAfterStep
 
 
 @dataclass
@@ -64,9 +66,13 @@ def train_step(parts: StepParts, x: torch.Tensor, global_step: int, guard: StepG
     with torch.autocast(device_type=parts.device.type, dtype=torch.float16,
                         enabled=parts.device.type == "cuda"):
         terms = nelbo_loss(parts.model, x, beta, parts.alpha, lam, parts.layers)
-    guard.check_loss(float(terms.loss.detach()), global_step)
+    guard.check_loss(float(terms.loss.detach()), global_step,
+                     locate=lambda: locate_forward(parts.model, terms))
     parts.grad_scaler.scale(terms.loss).backward()
-    distributed.average_gradients_(parts.trainable)
+    distributed.average_gradients_(parts.trainable)  # equal on every process afterwards
+    if not parts.grad_scaler.is_enabled() and not gradients_finite(parts.trainable):
+        raise NonFiniteLoss(global_step, float("nan"), locate_gradient(parts.model),
+                            what="the gradient norm")
     parts.grad_scaler.step(parts.optimizer)
     parts.grad_scaler.update()
     return terms

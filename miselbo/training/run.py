@@ -37,6 +37,7 @@ from miselbo.training.logs import (Board, RunLog, log_prior_samples, log_reconst
                                    log_step_scalars)
 from miselbo.training.loop import StepParts, train_epoch
 from miselbo.training.new_encoder import adopt_decoder, load_parent
+from miselbo.training.nonfinite import first_nonfinite_parameter, no_distribution_validation
 from miselbo.training.objective import RegularisedLayers
 from miselbo.training.options import data_set_of
 from miselbo.training.settings import (GRAD_SCALER_INIT_SCALE, IMAGE_LOG_PERIOD, SCALAR_LOG_PERIOD,
@@ -71,6 +72,11 @@ class TrainResult:
                   for key, value in asdict(self).items()}
         values["rank_parameter_sha256"] = list(self.rank_parameter_sha256)
         return json.dumps(values, indent=2) + "\n"
+
+
+def _first_place(err: NonFiniteLoss) -> str:
+    """'; the first value that went non-finite: ...' when the process located it."""
+    return f"; the first value that went non-finite: {err.first_place}" if err.first_place else ""
 
 
 @dataclass(frozen=True)
@@ -161,8 +167,14 @@ def run_training(args: argparse.Namespace, setup: DistributedSetup, device: torc
     Several new encoders (--num_new_encoders K > 1, --include_parent_encoder) train in
     miselbo.training.joint; K = 1 without the parent is this single-encoder path unchanged."""
     from miselbo.training.joint import is_joint_run, run_joint_training  # joint imports this module
-    if is_joint_run(args):
-        return run_joint_training(args, setup, device, resume_command)
+    with no_distribution_validation():  # NaN reaches our finite checks, not a ValueError
+        if is_joint_run(args):
+            return run_joint_training(args, setup, device, resume_command)
+        return _run_single(args, setup, device, resume_command)
+
+
+def _run_single(args: argparse.Namespace, setup: DistributedSetup, device: torch.device,
+                resume_command: str) -> TrainResult:
     requests = StopRequests(announce=setup.rank == 0)
     with requests.installed():
         session = TrainingSession.open(args, setup, device, requests, resume_command)
@@ -335,6 +347,13 @@ class TrainingSession:
 
     def _save(self) -> Path:
         path = self.save_dir / "checkpoint.pt"
+        bad = first_nonfinite_parameter(self.model.named_parameters())
+        if bad is not None:  # never replace the last good checkpoint by non-finite weights
+            raise TrainingStopped(
+                f"training stopped at global step {self.progress.global_step}: parameter {bad} is "
+                f"not finite, so no checkpoint was written; the last good one is kept "
+                f"({self.last_checkpoint.path if self.last_checkpoint else 'none was written yet'}).",
+                EXIT_TRAINING_FAILED)
         if self.is_main:
             path = save_training_checkpoint(self.save_dir, self.model, self.args, self.optimizer,
                                             self.scheduler, self.scaler, self.progress, self.lineage)
@@ -364,7 +383,8 @@ class TrainingSession:
                     f"--learning_rate) with:\n  {self.resume_command}")
         return TrainingStopped(
             f"training stopped: {err} (epoch {epoch + 1}, step {self.progress.step_in_epoch + 1} of "
-            f"{self.parts.iterations_per_epoch}); the weights were not updated with it and no "
+            f"{self.parts.iterations_per_epoch}){_first_place(err)}; the weights were not updated "
+            f"with it and no "
             f"checkpoint was written. {kept}", EXIT_TRAINING_FAILED)
 
     # ------------------------------------------------------------------------- the end

@@ -12,6 +12,7 @@ import math
 import signal
 import sys
 import threading
+from typing import Callable
 
 import torch
 
@@ -31,13 +32,16 @@ class TrainingStopped(Exception):
 
 
 class NonFiniteLoss(Exception):
-    """The loss of a step was NaN or infinite (on some process); no update was made."""
+    """The loss (or the gradients) of a step was NaN or infinite on some process; no update was
+    made. `first_place` names the first non-finite value found, when this process looked."""
 
-    def __init__(self, global_step: int, value: float | None):
-        where = f"is {value}" if value is not None else "is not finite on another process"
-        super().__init__(f"the loss {where} at global step {global_step}")
+    def __init__(self, global_step: int, value: float | None, first_place: str | None = None,
+                 what: str = "the loss"):
+        state = f"is {value}" if value is not None else "is not finite on another process"
+        super().__init__(f"{what} {state} at global step {global_step}")
         self.global_step = global_step
         self.value = value
+        self.first_place = first_place
 
 
 class StopAfterStep(Exception):
@@ -98,13 +102,17 @@ class StepGuard:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         return int(flags[0]), bool(flags[1])
 
-    def check_loss(self, loss_value: float, global_step: int) -> None:
+    def check_loss(self, loss_value: float, global_step: int,
+                   locate: Callable[[], str] | None = None) -> None:
         """Call between forward and backward: raise NonFiniteLoss if any process saw one, and
-        remember whether any process was asked to stop (the step then still completes)."""
+        remember whether any process was asked to stop (the step then still completes).
+        `locate()` (asked only on failure, on the processes that saw it) names the first place."""
         signal_number, nonfinite = self._agree(not math.isfinite(loss_value))
         self.stop_signal = self.stop_signal or signal_number
         if nonfinite:
-            raise NonFiniteLoss(global_step, None if math.isfinite(loss_value) else loss_value)
+            local = not math.isfinite(loss_value)
+            raise NonFiniteLoss(global_step, loss_value if local else None,
+                                locate() if local and locate is not None else None)
 
     def stop_requested(self) -> bool:
         """Whether any process was asked to stop (asked between test batches)."""
