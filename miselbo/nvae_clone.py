@@ -10,13 +10,13 @@
   script or on `sys.path` (a clone of NVAE), its loader provides the images. We call it once per data
   set and root with `distributed=False`, keep the two data sets of the loaders it returns
   (`(train_queue, valid_queue, num_classes)`) and serve their images through our own loaders, so
-  batch size, workers, distributed sampling and seeding stay ours. Each item is drawn with torch's
-  generator seeded from (seed, item index), so the random transforms of NVAE's loader (dynamic
-  binarisation, flips) are reproducible and independent of the training draws.
+  batch size, workers, distributed sampling and seeding stay ours. Item i is drawn with torch's
+  global generator seeded from (the data set's current seed, i) and restored afterwards, so the
+  random transforms of NVAE's loader (dynamic binarisation, flips) are reproducible and leave the
+  training draws alone. Only torch's generator is seeded (torchvision's transforms draw from it).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import os
@@ -74,7 +74,7 @@ def outside_clone_advice() -> str:
     """What to do for an NVAE data set this project does not load itself."""
     return ("NVAE's own loader provides it when train.py and miselbo_eval.py run inside a clone of "
             "NVAE: copy train.py, model.py and miselbo_eval.py next to NVAE's datasets.py and run "
-            "them there (NVAE's datasets.py needs `pip install lmdb scipy`)")
+            "them there (NVAE's datasets.py imports lmdb: `pip install lmdb`)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,7 +89,7 @@ def _import_clone_module(path: Path):
         spec.loader.exec_module(module)
     except ModuleNotFoundError as err:
         raise DataError(f"the NVAE clone's {path} cannot be imported: {err}. NVAE's datasets module "
-                        f"imports its requirements at import time, even for MNIST (lmdb, scipy); "
+                        f"imports its requirements at import time, even for MNIST (lmdb among them); "
                         f"install the missing one, e.g. `pip install {err.name or 'lmdb'}`.") from None
     except Exception as err:  # the clone's own code: report it, do not hide it
         raise DataError(f"the NVAE clone's {path} failed on import: {type(err).__name__}: {err}.") from err
@@ -145,13 +145,12 @@ class CloneImages(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(self.seed, base_index))
             item = self.base[base_index]
-        image, label = (item[0], item[1] if len(item) > 1 else 0) if isinstance(item, (tuple, list)) \
-            else (item, 0)
+        image, label = _image_and_label(item)
         if not isinstance(image, torch.Tensor) or image.dim() != 3:
             raise DataError(f"--dataset {self.name}: the NVAE clone's loader gave "
                             f"{type(image).__name__} {tuple(getattr(image, 'shape', ()))} for item "
                             f"{base_index}; expected a float tensor [C, H, W] in [0, 1].")
-        return image.float(), int(label) if not isinstance(label, torch.Tensor) or label.numel() == 1 else 0
+        return image.float(), label
 
     def take(self, max_examples: int | None) -> "CloneImages":
         """This data set restricted to `max_examples` evenly spaced items (i·N // k, i < k)."""
@@ -162,6 +161,17 @@ class CloneImages(Dataset):
         count = len(self)
         chosen = [self.indices[i * count // max_examples] for i in range(max_examples)]
         return CloneImages(self.base, self.name, chosen)
+
+
+def _image_and_label(item) -> tuple:
+    """(image, integer label) of a loader item: `(image, label, ...)`, or a bare image (label 0)."""
+    if not isinstance(item, (tuple, list)):
+        return item, 0
+    label = item[1] if len(item) > 1 else 0
+    try:
+        return item[0], int(label)
+    except (TypeError, ValueError, RuntimeError):  # a label that is no single number
+        return item[0], 0
 
 
 def clone_dataset(name: str, root: str, train: bool) -> CloneImages:
