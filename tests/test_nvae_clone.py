@@ -30,7 +30,8 @@ STAND_IN = textwrap.dedent('''
     from torch.utils.data import DataLoader, Dataset
     {extra_import}
 
-    FORMATS = {{"omniglot": (1, 28, 2, True), "imagenet_32": (3, 32, 0, False)}}
+    FORMATS = {{"omniglot": (1, 28, 2, True), "imagenet_32": (3, 32, 0, False),
+               "lsun_church_64": (3, 32, 0, False)}}  # the last one with the wrong size for NVAE's model
 
 
     class Synthetic(Dataset):
@@ -236,6 +237,18 @@ def test_clone_refusals_name_the_problem(clone_on_path):
         load_dataset("celeba_64", data, train=True)
     with pytest.raises(DataError, match="no input size"):
         check_dataset_name("stacked_mnist")
+    with pytest.raises(DataError, match=r"lsun_church_64.*shape \(3, 32, 32\).*takes \[3, 64, 64\]"):
+        load_dataset("lsun_church_64", data, train=True)
+
+
+def test_clone_data_sets_work_with_our_loaders_and_worker_processes(clone_on_path):
+    from miselbo.data import build_loaders
+    loaders = build_loaders("imagenet_32", str(clone_on_path / "data"), batch_size=8, seed=3, num_workers=2,
+                            max_test_examples=10)
+    train_batches = [images for images, _ in loaders.train]
+    test_images = torch.cat([images for images, _ in loaders.test])
+    assert [tuple(batch.shape) for batch in train_batches] == [(8, 3, 32, 32)] * (TRAIN_ITEMS // 8)
+    assert test_images.shape == (10, 3, 32, 32) and 0 <= float(test_images.min()) <= float(test_images.max()) <= 1
 
 
 def test_a_clone_whose_datasets_module_needs_lmdb_says_pip_install_lmdb(tmp_path, monkeypatch):
