@@ -11,9 +11,14 @@ before them); on CPU the peak resident set size (VmHWM) of a fresh subprocess pe
 and its rise over the RSS measured just before the first step.
 
 The last line printed is `RESULT {json}` with both times, the memory figures and new_q/full.
+Before it, with --joint_encoders K (default 4), a joint step of K encoders (train.py
+--num_new_encoders K; each --joint_objectives value, default independent and miselbo) is timed
+against one new-encoder step on the same batch, alternating, and `RESULT_JOINT {json}` gives the
+ratio joint / (K x new-encoder step) (target <= 0.80). The joint step's memory is not measured.
 
     python benchmarks/train_speed.py [--batch_size 16] [--steps 10] [--warmup_steps 3] [--device auto]
-                                     [--threads N]
+                                     [--threads N] [--joint_encoders 4] [--joint_objectives independent,miselbo]
+                                     [--joint_only]
 """
 from __future__ import annotations
 
@@ -43,6 +48,9 @@ from miselbo.training.objective import RegularisedLayers  # noqa: E402
 from miselbo.training.options import build_parser  # noqa: E402
 from miselbo.training.settings import TrainSettings  # noqa: E402
 from miselbo.training.stop import StepGuard, StopRequests  # noqa: E402
+from miselbo.ensemble import share_decoder  # noqa: E402
+from miselbo.training.joint_objective import JointSpec  # noqa: E402
+from miselbo.training.joint_step import Component, JointStep, joint_train_step  # noqa: E402
 
 # The paper recipe's architecture and schedule (the batch size of a step is --batch_size below).
 MNIST_PAPER_FLAGS = ["--dataset", "mnist", *PAPER.architecture, *PAPER.schedule]
@@ -50,10 +58,10 @@ STEP_INDEX = 100  # a global step past the (here irrelevant) learning-rate warm-
 MODES = ("full", "new_q")
 
 
-def build_step_parts(mode: str, device: torch.device, parent: AutoEncoder | None = None):
-    """(StepParts, model) for a full step (seed 0) or a new-encoder step (seed 1, parent's decoder)."""
+def build_step_parts(mode: str, device: torch.device, parent: AutoEncoder | None = None, seed: int = 1):
+    """(StepParts, model) for a full step (seed 0) or a new-encoder step (`seed`, parent's decoder)."""
     args = build_parser().parse_args(MNIST_PAPER_FLAGS)
-    torch.manual_seed(0 if mode == "full" else 1)
+    torch.manual_seed(0 if mode == "full" else seed)
     model = AutoEncoder(args, None, get_arch_cells(args.arch_instance))
     if mode == "new_q":
         parent = parent or build_step_parts("full", torch.device("cpu"))[1]
@@ -70,6 +78,50 @@ def build_step_parts(mode: str, device: torch.device, parent: AutoEncoder | None
                       layers=layers, settings=TrainSettings.from_args(args),
                       iterations_per_epoch=1000, device=device)
     return parts, model
+
+
+def build_joint_step(count: int, objective: str, device: torch.device, parent: AutoEncoder) -> JointStep:
+    """One joint step of `count` new encoders (seeds 1..count) on the parent's frozen decoder,
+    the real miselbo.training.joint_step.joint_train_step with the paper recipe's settings."""
+    components = []
+    for index in range(1, count + 1):
+        parts, model = build_step_parts("new_q", torch.device("cpu"), parent=parent, seed=index)
+        if components:
+            share_decoder(components[0].model, model)
+        components.append(Component(index=index, model=model.to(device), args=None, lineage=None,
+                                    optimizer=parts.optimizer, scheduler=None, layers=parts.layers))
+    return JointStep(components=components, parent=None, spec=JointSpec(objective, count, False),
+                     settings=parts.settings, scaler=parts.grad_scaler,
+                     alpha=kl_balance_alpha(components[0].model.groups_per_scale, device=device),
+                     iterations_per_epoch=1000, device=device)
+
+
+def timed_joint_step(parts: JointStep, x: torch.Tensor, guard: StepGuard) -> float:
+    if parts.device.type == "cuda":
+        torch.cuda.synchronize(parts.device)
+    began = time.perf_counter()
+    joint_train_step(parts, x, STEP_INDEX, guard)
+    if parts.device.type == "cuda":
+        torch.cuda.synchronize(parts.device)
+    return time.perf_counter() - began
+
+
+def median_joint_step_times(options, device: torch.device) -> dict:
+    """Alternate one new-encoder step and one joint step of each objective; medians (seconds)."""
+    _full_parts, full_model = build_step_parts("full", torch.device("cpu"))
+    q_parts, _ = build_step_parts("new_q", device, parent=full_model)
+    joint = {objective: build_joint_step(options.joint_encoders, objective, device, full_model)
+             for objective in options.joint_objectives.split(",")}
+    x = real_batch(options.batch_size, device)
+    guard = StepGuard(StopRequests(announce=False), device)
+    times = {"new_q": [], **{objective: [] for objective in joint}}
+    for index in range(options.warmup_steps + options.steps):
+        seconds = {"new_q": timed_step(q_parts, x, guard)}
+        seconds.update({objective: timed_joint_step(parts, x, guard) for objective, parts in joint.items()})
+        if index >= options.warmup_steps:
+            for name, value in seconds.items():
+                times[name].append(value)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def real_batch(batch_size: int, device: torch.device) -> torch.Tensor:
@@ -170,6 +222,21 @@ def cuda_memory(options, device: torch.device) -> dict:
     return figures
 
 
+def print_joint_result(options, device: torch.device) -> None:
+    """Joint step of K encoders vs K single new-encoder steps (target: ratio <= 0.8)."""
+    times = median_joint_step_times(options, device)
+    count = options.joint_encoders
+    result = {"device": str(device), "torch_threads": torch.get_num_threads(), "batch_size": options.batch_size,
+              "num_encoders": count, "timed_steps": options.steps, "new_q_step_s": times["new_q"]}
+    for objective in options.joint_objectives.split(","):
+        ratio = times[objective] / (count * times["new_q"])
+        result[f"joint_{objective}_step_s"] = times[objective]
+        result[f"ratio_joint_{objective}_over_{count}_new_q"] = ratio
+        print(f"joint step, {count} encoders, {objective}: {times[objective]:.4f} s; {count} new-encoder "
+              f"steps {count * times['new_q']:.4f} s; ratio {ratio:.3f} (target <= 0.80)")
+    print("RESULT_JOINT " + json.dumps(result))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch_size", type=int, default=16)
@@ -178,6 +245,12 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default); 1 is robust on a shared machine")
+    parser.add_argument("--joint_encoders", type=int, default=4,
+                        help="also time one joint step of this many encoders (train.py "
+                             "--num_new_encoders) against as many new-encoder steps; 0: skip")
+    parser.add_argument("--joint_objectives", default="independent,miselbo",
+                        help="comma-separated --mixture_objective values of the joint steps")
+    parser.add_argument("--joint_only", action="store_true", help="skip the full-vs-new_q part")
     parser.add_argument("--memory_of", choices=MODES, help=argparse.SUPPRESS)  # internal
     options = parser.parse_args(argv)
     if options.threads > 0:
@@ -186,6 +259,10 @@ def main(argv=None) -> None:
         print(json.dumps(memory_of_one_mode(options.memory_of, options)))
         return
     device = resolve_device(options.device)
+    if options.joint_encoders > 0:
+        print_joint_result(options, device)
+    if options.joint_only:
+        return
     memory = cuda_memory(options, device) if device.type == "cuda" else cpu_memory(options)
     times = median_step_times(options, device)
     result = {"device": str(device), "torch_threads": torch.get_num_threads(),

@@ -30,22 +30,23 @@ from miselbo import distributed
 from miselbo.checkpoints import (CheckpointError, load_nvae_checkpoint, load_state_dict_strict,
                                  read_checkpoint)
 from miselbo.cli import progress as progress_bar
-from miselbo.data import derived_seed, mix_seed, num_output_dims, pre_process, start_epoch
+from miselbo.data import derived_seed, num_output_dims, pre_process, start_epoch
 from miselbo.distributed import DistributedSetup
 from miselbo.ensemble import share_decoder
 from miselbo.nvae.config import get_arch_cells
 from miselbo.nvae.model import AutoEncoder
 from miselbo.nvae.objectives import kl_balance_alpha
-from miselbo.nvae.optim import apply_warmup_learning_rate, build_optimizer, build_scheduler
+from miselbo.nvae.optim import build_optimizer, build_scheduler
 from miselbo.safe_io import atomic_write_text
 from miselbo.training.checkpointing import (ROLE_Q, Lineage, Progress, require_parent_decoder,
                                             restore_training_state, save_training_checkpoint)
 from miselbo.training.evaluation import EvaluationInterrupted, evaluate_bounds
 from miselbo.training.joint_checkpoints import (JOINT_RESULT_FILE_NAME, component_folder,
                                                 recover_pending, save_component_set)
-from miselbo.training.joint_objective import JointSpec, JointTerms, draw_active, joint_loss
+from miselbo.training.joint_objective import JointSpec, JointTerms
+from miselbo.training.joint_step import Component, JointStep, joint_train_step
 from miselbo.training.logs import Board, RunLog
-from miselbo.training.loop import skip_batches, step_weights
+from miselbo.training.loop import skip_batches
 from miselbo.training.new_encoder import adopt_decoder, load_parent
 from miselbo.training.objective import RegularisedLayers
 from miselbo.training.options import data_set_of
@@ -54,9 +55,6 @@ from miselbo.training.run import (RESULT_FILE_NAME, TrainResult, _annotate, _fol
 from miselbo.training.settings import GRAD_SCALER_INIT_SCALE, PARAMETER_AVERAGING_PERIOD, TrainSettings
 from miselbo.training.stop import (EXIT_TRAINING_FAILED, NonFiniteLoss, StepGuard, StopAfterStep,
                                    StopRequests, TrainingStopped, signal_name)
-
-_ACTIVE_SET_STREAM = 0x4A4F494E  # mixes the per-step seed of the s2a / s2s active set
-
 
 def is_joint_run(args: argparse.Namespace) -> bool:
     """True when train.py must train several encoders together (else the single-run path)."""
@@ -73,21 +71,6 @@ def joint_spec(args: argparse.Namespace) -> JointSpec:
     objective = args.mixture_objective
     active = args.num_active if objective in ("s2a", "s2s") else args.num_new_encoders
     return JointSpec(objective=objective, num_active=active, include_parent=args.include_parent_encoder)
-
-
-@dataclass
-class Component:
-    """One encoder of the joint run and what trains and saves it."""
-    index: int  # 1-based
-    model: AutoEncoder
-    args: argparse.Namespace  # its checkpoint's namespace (own seed and folder)
-    lineage: Lineage
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    layers: RegularisedLayers | None
-
-    def has_gradients(self) -> bool:
-        return any(p.grad is not None for group in self.optimizer.param_groups for p in group["params"])
 
 
 def _component_args(args: argparse.Namespace, index: int) -> argparse.Namespace:
@@ -139,11 +122,6 @@ def _parent_member(parent_path: str, trust: bool, decoder_owner: AutoEncoder) ->
         param.requires_grad_(False)
     share_decoder(decoder_owner, model)
     return model.eval()
-
-
-def _active_generator(seed: int, global_step: int) -> torch.Generator:
-    """The same on every process and after resuming: seeded by (seed, step)."""
-    return torch.Generator().manual_seed(mix_seed(seed, global_step, _ACTIVE_SET_STREAM))
 
 
 def run_joint_training(args: argparse.Namespace, setup: DistributedSetup, device: torch.device,
@@ -304,26 +282,10 @@ class JointSession:
 
     def step(self, x: torch.Tensor, global_step: int) -> JointTerms:
         """One update of every component on x [B, C, H, W]; NonFiniteLoss before updating."""
-        settings = self.settings
-        warmup_iterations = len(self.loaders.train) * settings.warmup_epochs
-        for component in self.components:
-            apply_warmup_learning_rate(component.optimizer, global_step, warmup_iterations,
-                                       settings.learning_rate)
-            component.optimizer.zero_grad(set_to_none=True)
-        beta, lam = step_weights(settings, global_step, len(self.loaders.train) * settings.epochs)
-        active = draw_active(len(self.components), self.spec, _active_generator(settings.seed, global_step))
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16,
-                            enabled=self.device.type == "cuda"):
-            terms = joint_loss(self.models, self.parent, x, self.spec, active, beta, self.alpha, lam,
-                               None if not settings.regularised else [c.layers for c in self.components])
-        self.guard.check_loss(float(terms.loss.detach()), global_step)
-        self.scaler.scale(terms.loss).backward()
-        distributed.average_gradients_(self._trainable())
-        for component in self.components:
-            if component.has_gradients():
-                self.scaler.step(component.optimizer)
-        self.scaler.update()
-        return terms
+        parts = JointStep(components=self.components, parent=self.parent, spec=self.spec,
+                          settings=self.settings, scaler=self.scaler, alpha=self.alpha,
+                          iterations_per_epoch=len(self.loaders.train), device=self.device)
+        return joint_train_step(parts, x, global_step, self.guard)
 
     def _finish_epoch(self, epoch: int) -> None:
         totals = torch.tensor([self.progress.epoch_loss_sum, float(self.progress.epoch_loss_count)],
