@@ -108,6 +108,17 @@ def test_mixture_bound_is_not_tighter_than_the_best_members_bound():
         assert mean > 0.5 and mean > MC_SIGMAS * error, (num_samples, mean, error)
 
 
+def test_pooled_tends_to_log_p_while_miselbo_tends_to_its_own_limit():
+    """True: pooled -> log p(x) as L grows, whatever shares the members cover; miselbo tends to
+    (1/S) sum_s log E_{q_s}[p / q_mix] (here -0.628: E_{q_s}[p / q_mix] = 1.85 and 0.15), which is
+    log p(x) - KL(uniform || w) when the members' supports do not overlap."""
+    log_p, log_q = _log_weights(FAR_APART, num_samples=1000, num_reps=400, seed=6)
+    pooled_mean, pooled_error = _mean_and_error(estimators.pooled_mis_bound(log_p, log_q))
+    assert abs(pooled_mean) < MC_SIGMAS * pooled_error + 1e-3 and pooled_error < 2e-3
+    miselbo_mean, _ = _mean_and_error(estimators.miselbo(log_p, log_q))
+    assert abs(miselbo_mean - _quadrature_miselbo_limit(FAR_APART)) < 0.02
+
+
 # ----------------------------------------------------------------------------- average_iwelbo docstring
 
 def test_miselbo_is_at_most_average_iwelbo_plus_log_s_on_every_sample():
