@@ -1,7 +1,8 @@
 """NVAE's building blocks (docs/nvae.md 3): weight-normalised convolution, batch-norm variants,
 the operation table, skip connections, squeeze-excitation, residual and combiner cells.
 
-Module and attribute names follow NVAE so that state_dict keys match its checkpoints (docs/nvae.md 7.1).
+Module and attribute names follow NVAE so that state_dict keys match its checkpoints
+(docs/nvae.md 7.1).
 
 Deliberate deviation: loading a state_dict into a `Conv2D` with data-dependent initialisation marks
 that initialisation done, so loaded or resumed weights are never overwritten by a re-init on the

@@ -3,8 +3,8 @@
 Optimiser: Adamax with eps 1e-3 and betas (0.9, 0.999), either `torch.optim.Adamax` or our
 `StackedAdamax` ("fast" variant), which does the same arithmetic on one stacked vector per
 parameter group, dtype and device (NVAE stacks per shape; one flat stack needs fewer operations).
-Unlike NVAE's fast Adamax (defect D3, docs/nvae.md 10.5) it skips every parameter without a gradient, so a
-frozen decoder stays bit-identical, and it uses each parameter's own step count.
+Unlike NVAE's fast Adamax (defect D3, docs/nvae.md 10.5) it skips every parameter without a
+gradient, so a frozen decoder stays bit-identical, and it uses each parameter's own step count.
 
 StackedAdamax state format (identical to `torch.optim.Adamax`, so checkpoints can switch between
 the two): per parameter `{'step': float32 scalar tensor on the CPU, 'exp_avg': m, 'exp_inf': u}`
