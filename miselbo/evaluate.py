@@ -34,6 +34,7 @@ whole batches, so --world_size does not change any number; --batch_size and --ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -53,6 +54,7 @@ from miselbo.cli import USER_ERRORS, UserError, progress, require_positive, reso
 from miselbo.data import check_dataset_name, num_output_dims
 from miselbo.ensemble import Ensemble, default_chunk_size
 from miselbo.folders import removed_if_left_empty
+from miselbo.run_lock import hold_run_lock
 from miselbo.ensemble_loading import (LoadedMembers, discover_demo_folder, expand_checkpoint_paths, load_members,
                                       read_eval_defaults, read_manifest)
 from miselbo.eval_data import STREAM_DRAWS, STREAM_SUBSETS, EvaluationExamples, derived_seed, evaluation_examples
@@ -383,8 +385,10 @@ def evaluate(settings: EvalSettings, images: torch.Tensor | None = None) -> dict
     With world_size > 1 (and no torchrun environment) spawns that many local processes.
     """
     settings = _validated(settings)
-    with removed_if_left_empty(settings.save):  # a failed run leaves no empty --save folder behind
+    with removed_if_left_empty(settings.save), contextlib.ExitStack() as lock:
         _prepare_save_folder(settings.save)
+        if settings.save is not None and int(os.environ.get("RANK", "0")) == 0:
+            lock.enter_context(hold_run_lock(settings.save, "evaluation"))  # one writer per folder
         device = resolve_device(settings.device)
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
             return _run_process(settings, _environment_setup(settings, device), images)

@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from miselbo import distributed
 from miselbo.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, USER_ERRORS, UserError, resolve_device, run_cli
 from miselbo.distributed import DistributedSetup
+from miselbo.run_lock import hold_run_lock
 from miselbo.folders import removed_if_left_empty
 from miselbo.training.options import PROG
 from miselbo.training.prepare import prepare_save_folder, resolve_run_args
@@ -72,12 +73,16 @@ def train(argv: Sequence[str] | None = None) -> TrainResult:
         if distributed.torchrun_environment():
             setup = distributed.setup_from_torchrun_env(device.type)
             prepare_save_folder(run_args, is_writer=setup.rank == 0)
-            return _run_process(setup, run_args, device, command)
+            with hold_run_lock(run_args.save, "training", enabled=setup.rank == 0):
+                prepare_save_folder(run_args, is_writer=False)  # again: a run may have ended meanwhile
+                return _run_process(setup, run_args, device, command)
         setups = _node_setups(run_args, device)
         prepare_save_folder(run_args, is_writer=run_args.node_rank == 0)
-        if len(setups) == 1:
-            return _run_process(setups[0], run_args, device, command)
-        return spawn_training(setups, run_args, device, command)
+        with hold_run_lock(run_args.save, "training", enabled=run_args.node_rank == 0):
+            prepare_save_folder(run_args, is_writer=False)  # again: a run may have ended meanwhile
+            if len(setups) == 1:
+                return _run_process(setups[0], run_args, device, command)
+            return spawn_training(setups, run_args, device, command)
 
 
 def resume_command(argv: Sequence[str]) -> str:
