@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils.data import DataLoader, DistributedSampler
 
 from miselbo import distributed
-from miselbo.data import pre_process
+from miselbo.data import ImageDataset, pre_process
 from miselbo.nvae.distributions import reconstruction_loss
 
 DEFAULT_MAX_ROWS = 512
@@ -40,6 +41,24 @@ def samples_per_pass(batch_size: int, num_samples: int, max_rows: int) -> list[i
     per_pass = max(1, min(num_samples, max_rows // max(batch_size, 1)))
     full, rest = divmod(num_samples, per_pass)
     return [per_pass] * full + ([rest] if rest else [])
+
+
+def subset_loader(loader: DataLoader, num_examples: int, seed: int) -> DataLoader:
+    """A loader over `num_examples` evenly spaced items of `loader`'s data set (all of them when it
+    has fewer), same batch size and workers, not shuffled; its random binarisation restarts from
+    `seed`, so every call with the same seed yields the same images. Split across processes like
+    the full test set when a process group is running."""
+    full = loader.dataset
+    count = min(num_examples, len(full))
+    chosen = torch.arange(count) * len(full) // count  # [count], distinct, as ImageDataset.take
+    subset = ImageDataset(full.images[chosen], full.labels[chosen], full.padding, full.binarize,
+                          full.random_flip)  # own random generator: the full test's is untouched
+    subset.reseed(seed)
+    world_size, rank = distributed.world_size(), distributed.rank()
+    sampler = (DistributedSampler(subset, num_replicas=world_size, rank=rank, shuffle=True)
+               if world_size > 1 else None)
+    return DataLoader(subset, batch_size=loader.batch_size, shuffle=False, sampler=sampler,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
 
 
 @torch.no_grad()

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train on this many evenly spaced training images (None: all)")
     ours.add_argument("--num_test_examples", type=int, default=None,
                       help="test on this many evenly spaced test images (None: all)")
+    ours.add_argument("--epoch_test_examples", type=int, default=None,
+                      help="the test after each epoch uses this many evenly spaced test images "
+                           "(fixed binarisation and draws, training's random stream untouched); "
+                           "None: NVAE's test on all of them. The final test always uses all")
     return parser
 
 
@@ -141,7 +145,7 @@ def validate_numbers(args: argparse.Namespace) -> None:
         _require(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}.")
     for name in ("warmup_epochs", "num_workers"):
         _require(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}.")
-    for name in ("num_train_examples", "num_test_examples"):
+    for name in ("num_train_examples", "num_test_examples", "epoch_test_examples"):
         value = getattr(args, name)
         _require(value is None or value >= 1, f"--{name} must be >= 1 when given, got {value}.")
     _require(0 <= args.node_rank < args.num_proc_node,

@@ -32,7 +32,9 @@ from miselbo.safe_io import atomic_write_text
 from miselbo.training.checkpointing import (ROLE_P_AND_Q, ROLE_Q, Lineage, Progress,
                                             require_parent_decoder, restore_training_state,
                                             save_training_checkpoint)
-from miselbo.training.evaluation import EvaluationInterrupted, TestResult, evaluate_bounds
+from miselbo.stage_clock import StageClock
+from miselbo.training.evaluation import (EvaluationInterrupted, TestResult, evaluate_bounds,
+                                         subset_loader)
 from miselbo.training.logs import (Board, RunLog, log_prior_samples, log_reconstructions,
                                    log_step_scalars)
 from miselbo.training.loop import StepParts, train_epoch
@@ -66,6 +68,7 @@ class TrainResult:
     parameter_sha256: str  # over every parameter of this process (equal on all ranks)
     wall_seconds: float
     rank_parameter_sha256: tuple = field(default_factory=tuple)  # one per rank, when spawned
+    seconds: dict = field(default_factory=dict)  # wall seconds per part: steps, epoch_tests, ...
 
     def to_json(self) -> str:
         values = {key: str(value) if isinstance(value, Path) else value
@@ -206,6 +209,7 @@ class TrainingSession:
     resume_command: str
     log: RunLog
     board: Board
+    clock: StageClock = field(default_factory=StageClock)  # seconds per part of this run
 
     @classmethod
     def open(cls, args, setup: DistributedSetup, device: torch.device, requests: StopRequests,
@@ -252,7 +256,8 @@ class TrainingSession:
         started = time.perf_counter()
         self._log_start()
         for epoch in range(self.progress.epoch, self.settings.epochs):
-            self._train_one_epoch(epoch)
+            with self.clock.measure("steps"):  # includes data loading, also reported on its own
+                self._train_one_epoch(epoch)
             self._finish_epoch(epoch)
         return self._final_test(started)
 
@@ -279,8 +284,8 @@ class TrainingSession:
                            desc=f"epoch {epoch + 1}/{self.settings.epochs}", unit="step",
                            **({} if self.is_main else {"disable": True}))
         try:
-            train_epoch(self.parts, self.loaders.train, progress, self.guard,
-                        on_step=partial(self._after_step, bar))
+            train_epoch(self.parts, self.clock.timed_batches(self.loaders.train, "data_loading"),
+                        progress, self.guard, on_step=partial(self._after_step, bar))
         except StopAfterStep as stop:
             self._stop(stop.signal_number, f"during epoch {epoch + 1}")
         except NonFiniteLoss as err:
@@ -314,15 +319,17 @@ class TrainingSession:
                                    f"during epoch {epoch + 1} (--param_check)")
             self.log.info("--param_check: decoder fingerprint unchanged after epoch %d", epoch + 1)
         if self.settings.validates_after(epoch):
-            self._validate(epoch)
+            with self.clock.measure("epoch_tests"):
+                self._validate(epoch)
         if self.settings.checkpoints_after(epoch):
-            self._save()
+            with self.clock.measure("checkpoints"):
+                self._save()
 
     def _validate(self, epoch: int) -> None:
         step = self.progress.global_step
         self.model.eval()
         log_prior_samples(self.board, self.model, step)
-        result = self._test(VALID_IW_SAMPLES, f"while testing after epoch {epoch + 1}")
+        result = self._epoch_test(f"while testing after epoch {epoch + 1}")
         bpd = self._bpd_coeff()
         self.log.info("epoch %d/%d test (%d images, %d samples): NELBO %.4f nats (%.4f bpd), "
                       "-log p %.4f nats (%.4f bpd)", epoch + 1, self.settings.epochs,
@@ -333,10 +340,26 @@ class TrainingSession:
                            ("val/bpd_elbo", result.nelbo * bpd)):
             self.board.scalar(tag, value, epoch)
 
-    def _test(self, num_samples: int, where: str) -> TestResult:
+    def _epoch_test(self, where: str) -> TestResult:
+        """NVAE's per-epoch test on the whole test set; with --epoch_test_examples N on N fixed,
+        evenly spaced test images with fixed binarisation and fixed posterior draws, run on a
+        forked random state so that training's random stream does not depend on the test."""
+        subset_size = getattr(self.args, "epoch_test_examples", None)
+        if subset_size is None:
+            return self._test(VALID_IW_SAMPLES, where)
+        data_seed, draw_seed = (derived_seed(self.settings.seed, step, self.setup.rank, "test")
+                                for step in (0, 1))
+        loader = subset_loader(self.loaders.test, subset_size, data_seed)
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(draw_seed)
+            return self._test(VALID_IW_SAMPLES, where, loader)
+
+    def _test(self, num_samples: int, where: str, loader=None) -> TestResult:
         try:
-            return evaluate_bounds(self.loaders.test, self.model, num_samples,
-                                   self.settings.num_x_bits, should_stop=self.guard.stop_requested)
+            return evaluate_bounds(self.loaders.test if loader is None else loader, self.model,
+                                   num_samples, self.settings.num_x_bits,
+                                   should_stop=self.guard.stop_requested)
         except EvaluationInterrupted:
             self._stop(self.guard.stop_signal, where)
 
@@ -391,7 +414,8 @@ class TrainingSession:
 
     def _final_test(self, started: float) -> TrainResult:
         samples = self.settings.final_iw_samples
-        result = self._test(samples, "during the final test (training itself is complete)")
+        with self.clock.measure("final_test"):
+            result = self._test(samples, "during the final test (training itself is complete)")
         bpd = self._bpd_coeff()
         self.log.info("final test (%d images, %d importance samples): NELBO %.4f nats (%.4f bpd), "
                       "-log p %.4f nats (%.4f bpd)", result.num_images, samples, result.nelbo,
@@ -406,7 +430,7 @@ class TrainingSession:
             test_neg_log_p_bpd=result.neg_log_p * bpd, final_iw_samples=samples,
             decoder_fingerprint=self.model.decoder_fingerprint(),
             parameter_sha256=parameter_sha256(self.model),
-            wall_seconds=time.perf_counter() - started)
+            wall_seconds=time.perf_counter() - started, seconds=dict(self.clock.seconds))
         if self.is_main:
             atomic_write_text(self.save_dir / RESULT_FILE_NAME, outcome.to_json(), record_sha256=False)
         return outcome
