@@ -166,9 +166,12 @@ def run_training_stage(settings: PipelineSettings, stage: str, seed: int) -> str
 
 
 def changed_stages(settings: PipelineSettings) -> dict[str, list[stage_record.Difference]]:
-    """{stage: differing flags} for the stages in --out whose recorded settings differ from now."""
+    """{stage: differing flags} for the stages in --out (their folder exists) whose recorded
+    settings differ from now."""
     changed = {}
     for stage, seed in zip(settings.stage_names(), settings.seeds):
+        if not settings.checkpoint(stage).parent.exists():
+            continue
         recorded = stage_record.recorded_settings(settings.out, stage, settings.checkpoint(stage))
         if recorded is None:
             continue
@@ -218,17 +221,24 @@ def evaluation_argv(settings: PipelineSettings) -> list[str]:
 
 
 def dry_run_text(settings: PipelineSettings) -> str:
-    """The commands the job would run, shell-quoted, with a comment line per stage; reads nothing
-    but file names (a stage already in --out is resumed or skipped by a real run)."""
+    """The commands the job would run, shell-quoted, with comment lines: each stage's role, and for a
+    stage already in --out what a real run would do with it. Reads, never writes."""
+    changed = changed_stages(settings)
     lines = [f"# {PROG} --dry_run: preset {settings.preset}, {settings.num_encoders} encoder(s), "
              f"output in {settings.out}; nothing was run or written. The commands a run would start:"]
     for stage, seed in zip(settings.stage_names(), settings.seeds):
         role = "decoder + first encoder" if stage == "p_and_q1" else "another encoder, frozen decoder"
         lines.append(f"# stage {stage}: {role}, seed {seed}")
-        if settings.checkpoint(stage).exists():
+        argv = training_argv(settings, stage, seed)
+        stage_record.stage_settings(argv)  # a flag train.py does not know stops here (exit 2)
+        if stage in changed:
+            lines.append(f"# ({stage} in {settings.out} was trained with other settings: "
+                         f"{', '.join(d.describe() for d in changed[stage])}; a run stops with exit 2 "
+                         f"unless {RETRAIN_FLAG} is given)")
+        elif settings.checkpoint(stage).exists():
             lines.append(f"# ({settings.checkpoint(stage)} exists: a run skips this stage when it has "
                          f"all its epochs and adds --cont_training otherwise)")
-        lines.append(shlex.join(["python", "train.py", *training_argv(settings, stage, seed)]))
+        lines.append(shlex.join(["python", "train.py", *argv]))
     lines.append(f"# evaluation of the {settings.num_encoders}-encoder ensemble")
     lines.append(shlex.join(["python", "miselbo_eval.py", *evaluation_argv(settings)]))
     return "\n".join(lines)

@@ -45,8 +45,8 @@ def test_main_job_trains_three_members_evaluates_and_exports(tmp_path, capsys):
     assert manifest["checkpoints"] == ["p_and_q1/checkpoint.pt", "q2/checkpoint.pt", "q3/checkpoint.pt"]
     assert manifest["eval_defaults"] == {"num_iw_samples": 3}
     assert manifest["seeds"] == [1, 2, 3] and manifest["dataset"] == "mnist5k"
-    assert [m["role"] for m in manifest["members"]] == ["p_and_q", "new_q", "new_q"] or \
-        len({m["role"] for m in manifest["members"][1:]}) == 1
+    assert [m["role"] for m in manifest["members"]] == ["p_and_q", "q", "q"]
+    assert len({m["decoder_fingerprint"] for m in manifest["members"]}) == 1
     assert manifest["train_args"]["num_channels_enc"] == 4 and manifest["train_args"]["epochs"] == 1
     exported = read_checkpoint(export / "q2" / "checkpoint.pt")
     trained = read_checkpoint(out / "eval-q2" / "checkpoint.pt")
@@ -183,13 +183,20 @@ def test_changed_settings_of_a_recorded_stage_are_refused_naming_each_flag(tmp_p
     first = pipeline.parse_settings(base)
     for stage, seed in zip(first.stage_names(), first.seeds):
         stage_record.record_stage(tmp_path, stage, pipeline.training_argv(first, stage, seed))
+        (tmp_path / f"eval-{stage}").mkdir()
     # device and data folder say where a stage runs, not what it trains: not compared
     assert pipeline.changed_stages(pipeline.parse_settings(base + ["--device", "cpu", "--data", "/d"])) == {}
     assert pipeline.main(base + ["--epochs", "3", "--learning_rate", "0.5"]) == 2
     error = capsys.readouterr().err
     assert "--epochs 1 (recorded) -> 3 (now)" in error and "--learning_rate 0.01 (recorded) -> 0.5 (now)" in error
     assert "stage p_and_q1:" in error and "stage q2:" in error
-    assert "Traceback" not in error and sorted(p.name for p in tmp_path.iterdir()) == ["pipeline_stages.json"]
+    assert "Traceback" not in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval-p_and_q1", "eval-q2", "pipeline_stages.json"]
+    # the dry run says the same without refusing; a stage whose folder is gone is not compared
+    assert pipeline.main(base + ["--epochs", "3", "--dry_run"]) == 0
+    assert "--epochs 1 (recorded) -> 3 (now)" in capsys.readouterr().out
+    (tmp_path / "eval-q2").rmdir()
+    assert list(pipeline.changed_stages(pipeline.parse_settings(base + ["--epochs", "3"]))) == ["p_and_q1"]
 
 
 def test_retrain_changed_sets_aside_the_first_changed_stage_and_all_after_it(tmp_path):
@@ -223,5 +230,6 @@ def test_a_stage_without_a_record_is_compared_with_its_checkpoint(tmp_path, caps
 
 def test_an_unreadable_stage_record_is_a_user_error(tmp_path):
     (tmp_path / stage_record.RECORD_FILE_NAME).write_text("{not json")
+    (tmp_path / "eval-p_and_q1").mkdir()
     with pytest.raises(UserError, match="pipeline_stages.json"):
         pipeline.changed_stages(pipeline.parse_settings(["--preset", "tiny", "--out", str(tmp_path)]))
