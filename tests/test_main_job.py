@@ -10,7 +10,11 @@ from miselbo import pipeline
 from miselbo.data import load_dataset
 from miselbo.stage_clock import StageClock, summary_table, training_stage_parts
 from miselbo.training import train
+from miselbo.nvae.config import get_arch_cells
+from miselbo.nvae.model import AutoEncoder
+from miselbo.training.epoch_test import UnreplayableDraws, record_draws
 from miselbo.training.evaluation import subset_loader
+from miselbo.training.options import build_parser, to_nvae_namespace
 
 from test_train_common import one_thread, run_args  # noqa: F401  (fixture)
 
@@ -105,15 +109,17 @@ def _train(tmp_path, save, *extra):
     return train(run_args(tmp_path, save, "--seed", "3", *extra))
 
 
-def test_training_does_not_depend_on_the_subset_size_and_reports_its_parts(tmp_path, one_thread):
+def test_training_with_a_subset_test_is_bit_identical_to_the_full_test_and_reports_parts(
+        tmp_path, one_thread):
     small = _train(tmp_path, "small", "--epoch_test_examples", "4")
     large = _train(tmp_path, "large", "--epoch_test_examples", "12")
-    full = _train(tmp_path, "full")
-    assert small.parameter_sha256 == large.parameter_sha256  # forked random state per test
-    assert small.test_neg_log_p == large.test_neg_log_p  # final test: all 16 images, same draws
+    full = _train(tmp_path, "full")  # NVAE's per-epoch test on all 16 test images
+    assert small.parameter_sha256 == large.parameter_sha256 == full.parameter_sha256
+    assert small.test_neg_log_p == large.test_neg_log_p == full.test_neg_log_p  # same final draws
     logs = {name: (tmp_path / f"eval-{name}" / "log.txt").read_text() for name in ("small", "full")}
     assert "epoch 1/2 test (4 images" in logs["small"] and "final test (16 images" in logs["small"]
     assert "epoch 1/2 test (16 images" in logs["full"]
+    assert "differ from a run with the full" not in logs["small"]
     for result in (small, full):
         parts = result.seconds
         assert set(parts) == {"steps", "data_loading", "epoch_tests", "checkpoints", "final_test"}
@@ -121,6 +127,48 @@ def test_training_does_not_depend_on_the_subset_size_and_reports_its_parts(tmp_p
         assert sum(value for name, value in parts.items() if name != "data_loading") <= result.wall_seconds
     recorded = json.loads((tmp_path / "eval-small" / "train_result.json").read_text())
     assert recorded["seconds"] == pytest.approx(small.seconds)
+
+
+# ----------------------------------------------------------------------------- replaying draws
+
+def _tiny_model():
+    args = to_nvae_namespace(build_parser().parse_args(run_args("/tmp", "unused")))
+    torch.manual_seed(0)
+    model = AutoEncoder(args, None, get_arch_cells(args.arch_instance))
+    model(torch.zeros(2, 1, 32, 32))  # data-dependent initialisation
+    return model.eval()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_replayed_draws_leave_the_generator_where_a_real_test_pass_leaves_it(rows, one_thread):
+    model = _tiny_model()
+    draws = record_draws(model, torch.zeros(1, 1, 32, 32))
+    assert draws and all(draw.dtype == torch.float32 for draw in draws)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        model((torch.rand(rows, 1, 32, 32) < 0.5).float())
+    after_pass = torch.get_rng_state()
+    torch.manual_seed(7)
+    torch.rand(rows, 1, 32, 32)  # the same input draw as above
+    for draw in draws:
+        torch.randn((rows, *draw.per_row), dtype=draw.dtype)
+    assert torch.equal(torch.get_rng_state(), after_pass)
+
+
+class _FixedSizeNoise(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.randn(3)  # does not scale with the rows
+
+
+class _UniformNoise(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.rand_like(x)
+
+
+@pytest.mark.parametrize("module", [_FixedSizeNoise(), _UniformNoise()])
+def test_draws_that_cannot_be_replayed_by_size_are_refused(module):
+    with pytest.raises(UnreplayableDraws):
+        record_draws(module, torch.zeros(1, 3))
 
 
 def test_a_bad_epoch_test_size_is_refused(tmp_path, capsys):

@@ -22,7 +22,8 @@ import torch
 from miselbo import distributed
 from miselbo.checkpoints import CheckpointError, load_state_dict_strict, read_checkpoint
 from miselbo.cli import progress as progress_bar
-from miselbo.data import Loaders, build_loaders, derived_seed, num_output_dims, start_epoch
+from miselbo.data import (Loaders, build_loaders, derived_seed, num_output_dims, pre_process,
+                          start_epoch)
 from miselbo.distributed import DistributedSetup
 from miselbo.nvae.config import get_arch_cells
 from miselbo.nvae.model import AutoEncoder
@@ -33,6 +34,8 @@ from miselbo.training.checkpointing import (ROLE_P_AND_Q, ROLE_Q, Lineage, Progr
                                             require_parent_decoder, restore_training_state,
                                             save_training_checkpoint)
 from miselbo.stage_clock import StageClock
+from miselbo.training.epoch_test import (Draw, UnreplayableDraws, advance_like_full_test,
+                                         record_draws)
 from miselbo.training.evaluation import (EvaluationInterrupted, TestResult, evaluate_bounds,
                                          subset_loader)
 from miselbo.training.logs import (Board, RunLog, log_prior_samples, log_reconstructions,
@@ -210,6 +213,8 @@ class TrainingSession:
     log: RunLog
     board: Board
     clock: StageClock = field(default_factory=StageClock)  # seconds per part of this run
+    test_draws: list | None = None  # per-row random draws of a test pass (--epoch_test_examples)
+    test_draws_recorded: bool = False  # test_draws is None after recording: not replayable
 
     @classmethod
     def open(cls, args, setup: DistributedSetup, device: torch.device, requests: StopRequests,
@@ -342,18 +347,38 @@ class TrainingSession:
 
     def _epoch_test(self, where: str) -> TestResult:
         """NVAE's per-epoch test on the whole test set; with --epoch_test_examples N on N fixed,
-        evenly spaced test images with fixed binarisation and fixed posterior draws, run on a
-        forked random state so that training's random stream does not depend on the test."""
+        evenly spaced test images with fixed binarisation and posterior draws (a forked random
+        state), after which both generators are advanced as the full test would have advanced
+        them (miselbo/training/epoch_test.py), so training stays bit-identical to NVAE's."""
         subset_size = getattr(self.args, "epoch_test_examples", None)
         if subset_size is None:
             return self._test(VALID_IW_SAMPLES, where)
         data_seed, draw_seed = (derived_seed(self.settings.seed, step, self.setup.rank, "test")
                                 for step in (0, 1))
         loader = subset_loader(self.loaders.test, subset_size, data_seed)
+        draws = self._full_test_draws(loader)
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(draw_seed)
-            return self._test(VALID_IW_SAMPLES, where, loader)
+            result = self._test(VALID_IW_SAMPLES, where, loader)
+        if draws is not None:  # training continues exactly as after NVAE's full test
+            advance_like_full_test(self.loaders.test, draws, VALID_IW_SAMPLES)
+        return result
+
+    def _full_test_draws(self, subset) -> list[Draw] | None:
+        """The random draws of one test pass per row (recorded once), None if not replayable."""
+        if not self.test_draws_recorded:
+            self.test_draws_recorded = True
+            first, _ = subset.dataset[0]  # [C, H, W]
+            x_row = pre_process(first[None].to(self.device), self.settings.num_x_bits)
+            self.model.eval()
+            try:
+                self.test_draws = record_draws(self.model, x_row)
+            except UnreplayableDraws as err:
+                self.log.info("--epoch_test_examples: %s, so training's random numbers differ from "
+                              "a run with the full per-epoch test", err)
+            subset.dataset.reseed(derived_seed(self.settings.seed, 0, self.setup.rank, "test"))
+        return self.test_draws
 
     def _test(self, num_samples: int, where: str, loader=None) -> TestResult:
         try:
