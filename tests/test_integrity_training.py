@@ -148,3 +148,31 @@ def test_parent_with_nan_decoder_weights_is_refused_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 2, err
     assert "Traceback" not in err and "NaN/inf" in err and "post_process." in err, err
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_final_test_is_answered_within_seconds(tmp_path):
+    """The final test with 20,000 importance samples takes minutes on 2 cores; SIGTERM sent one
+    second into it stops the run within 20 s even on a loaded machine (exit 143) and keeps the finished checkpoint."""
+    import signal
+    import time
+    from miselbo.checkpoints import read_checkpoint
+    from test_train_common import run_train_script
+    argv = [*run_args(tmp_path, "final"), "--epochs", "1", "--final_iw_samples", "20000"]
+    process = run_train_script(argv)
+    for line in process.stdout:  # the log line written just before the final test starts
+        if "checkpoint written" in line:
+            break
+    else:
+        pytest.fail(process.communicate()[1])
+    time.sleep(1.0)
+    assert process.poll() is None, "the final test ended too soon to be interrupted"
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    answered = time.monotonic() - sent
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert answered < 20.0, answered  # about 1 s on a quiet machine; generous under load
+    assert "during the final test" in err and "Traceback" not in err, err
+    checkpoint = read_checkpoint(tmp_path / "eval-final")
+    assert checkpoint["epoch"] == 1

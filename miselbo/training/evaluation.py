@@ -62,13 +62,19 @@ def subset_loader(loader: DataLoader, num_examples: int, seed: int) -> DataLoade
 
 
 @torch.no_grad()
-def batch_bounds(model, x: torch.Tensor, num_samples: int, max_rows: int = DEFAULT_MAX_ROWS
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image (NELBO [B], −log p [B]) in float64 for a pre-processed batch x [B, C, H, W]."""
+def batch_bounds(model, x: torch.Tensor, num_samples: int, max_rows: int = DEFAULT_MAX_ROWS,
+                 should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image (NELBO [B], −log p [B]) in float64 for a pre-processed batch x [B, C, H, W].
+
+    `should_stop()` is asked before every forward pass (so a stop request is answered within one
+    pass even with 1,000 importance samples); when True, EvaluationInterrupted is raised.
+    """
     batch = x.shape[0]
     nelbo_sum = x.new_zeros(batch, dtype=torch.float64)
     log_weights = []
     for count in samples_per_pass(batch, num_samples, max_rows):
+        if should_stop is not None and should_stop():
+            raise EvaluationInterrupted()
         tiled = x.repeat(count, 1, 1, 1)  # [count * B, C, H, W], draw-major
         logits, log_q, log_p, kl_all, _ = model(tiled)
         rec = reconstruction_loss(model.decoder_output(logits), tiled, model.crop_output)  # [count*B]
@@ -85,18 +91,17 @@ def evaluate_bounds(loader, model, num_samples: int, num_x_bits: int,
                     max_rows: int = DEFAULT_MAX_ROWS) -> TestResult:
     """The test routine over `loader` (model put in eval mode); averaged over all processes.
 
-    `should_stop()` is asked before every batch (on every process, so it must agree across them);
-    when it returns True, EvaluationInterrupted is raised.
+    `should_stop()` is asked before every forward pass (on every process, so it must agree across
+    them; processes see batches of equal size, hence equal numbers of passes); when it returns
+    True, EvaluationInterrupted is raised.
     """
     distributed.barrier()
     model.eval()
     device = next(model.parameters()).device
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # Σ NELBO, Σ −log p, count
     for images, *_ in loader:
-        if should_stop is not None and should_stop():
-            raise EvaluationInterrupted()
         x = pre_process(images.to(device, non_blocking=True), num_x_bits)
-        nelbo, neg_log_p = batch_bounds(model, x, num_samples, max_rows)
+        nelbo, neg_log_p = batch_bounds(model, x, num_samples, max_rows, should_stop)
         totals += torch.stack([nelbo.sum(), neg_log_p.sum(), nelbo.new_tensor(x.shape[0])])
     distributed.sum_tensor_(totals)
     distributed.barrier()

@@ -412,9 +412,12 @@ class TrainingSession:
         return path
 
     def _stop(self, signal_number: int, where: str) -> None:
-        """Write a checkpoint of the current state and raise TrainingStopped (exit 128 + N)."""
-        path = self._save()
-        progress = self.progress
+        """Write a checkpoint of the current state (unless the last one holds it already) and raise
+        TrainingStopped (exit 128 + N)."""
+        last, progress = self.last_checkpoint, self.progress
+        up_to_date = last is not None and (last.epoch, last.global_step) == (progress.epoch,
+                                                                             progress.global_step)
+        path = last.path if up_to_date else self._save()
         raise TrainingStopped(
             f"training stopped by {signal_name(signal_number)} {where}, at global step "
             f"{progress.global_step} ({progress.epoch} epoch(s) and {progress.step_in_epoch} step(s) "
