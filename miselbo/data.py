@@ -75,8 +75,9 @@ def check_dataset_name(name: str) -> str:
         return name
     supported = ", ".join(SUPPORTED_DATASETS)
     if name in NVAE_DATASETS:
-        raise DataError(f"--dataset {name}: NVAE knows this data set but this project does not load "
-                        f"it itself (it loads {supported}); {nvae_clone.outside_clone_advice()}.")
+        raise DataError(f"--dataset {name}: NVAE knows this data set but this project does not "
+                        f"support it outside a clone of NVAE (it loads {supported} itself); "
+                        f"{nvae_clone.outside_clone_advice()}.")
     raise DataError(f"--dataset {name}: unknown data set; supported: {supported} (inside a clone of "
                     f"NVAE also the names its datasets.py knows).")
 
