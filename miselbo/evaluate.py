@@ -54,6 +54,7 @@ from miselbo.cli import USER_ERRORS, UserError, progress, require_positive, reso
 from miselbo.data import check_dataset_name, num_output_dims
 from miselbo.ensemble import Ensemble, default_chunk_size
 from miselbo.folders import removed_if_left_empty
+from miselbo.result_set import ResultSet
 from miselbo.run_lock import hold_run_lock
 from miselbo.ensemble_loading import (LoadedMembers, discover_demo_folder, expand_checkpoint_paths, load_members,
                                       read_eval_defaults, read_manifest)
@@ -353,12 +354,16 @@ def _assemble(settings, members: LoadedMembers, examples, plan, rows, residual, 
 
 def _write_outputs(folder: Path, settings: EvalSettings, results: dict, ensemble: Ensemble,
                    examples: EvaluationExamples, device: torch.device) -> None:
-    report.write_json(folder / "results.json", results)
-    if settings.ablation:
-        report.write_ablation_csv(folder / f"{settings.ablation_file_name}.csv", results["ablation"])
-        report.write_ablation_plot(folder / f"{settings.ablation_file_name}.png", results["ablation"])
-    prior, inputs, reconstructions = _sample_images(ensemble, examples, settings.seed, device)
-    report.write_samples_figure(folder / "samples.png", prior, inputs, reconstructions)
+    legacy = ("results.json", "samples.png", f"{settings.ablation_file_name}.csv",
+              f"{settings.ablation_file_name}.png")  # folders written before outputs.json existed
+    with ResultSet(folder, legacy) as outputs:  # replaces the previous run's outputs all together
+        report.write_json(outputs.path("results.json"), results)
+        if settings.ablation:
+            name = settings.ablation_file_name
+            report.write_ablation_csv(outputs.path(f"{name}.csv"), results["ablation"])
+            report.write_ablation_plot(outputs.path(f"{name}.png"), results["ablation"])
+        prior, inputs, reconstructions = _sample_images(ensemble, examples, settings.seed, device)
+        report.write_samples_figure(outputs.path("samples.png"), prior, inputs, reconstructions)
 
 
 @torch.no_grad()
