@@ -53,6 +53,7 @@ from miselbo import distributed
 from miselbo.cli import USER_ERRORS, UserError, progress, require_positive, resolve_device
 from miselbo.data import check_dataset_name, num_output_dims
 from miselbo.ensemble import Ensemble, default_chunk_size
+from miselbo.finite import NonFiniteEvaluation, no_distribution_validation, require_finite_rows
 from miselbo.folders import removed_if_left_empty
 from miselbo.result_set import ResultSet
 from miselbo.run_lock import hold_run_lock
@@ -185,7 +186,11 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI: evaluate, print the table (rank 0 only), return the exit status."""
     settings = settings_from_args(build_parser().parse_args(argv))
-    results = evaluate(settings)
+    try:
+        results = evaluate(settings)
+    except NonFiniteEvaluation as err:
+        print(f"{PROG}: evaluation stopped: {err}", file=sys.stderr)
+        return err.exit_code
     if results is not None:
         print(report.format_table(results))
         if settings.save:
@@ -316,6 +321,8 @@ def _evaluate_here(settings: EvalSettings, device: torch.device, images) -> dict
     indices, rows, residual, seconds = _gather(shard, len(plan.columns()), device)
     if not main_process:
         return None
+    require_finite_rows(rows, indices, lambda index: examples.batch(index, index + 1), members.models,
+                        members.paths, device)  # else exit 3 naming the member
     results = _assemble(settings, members, examples, plan, rows, residual, device, batch_size)
     results["wall_seconds"] = time.perf_counter() - began
     if settings.time_eval:
@@ -391,6 +398,7 @@ def evaluate(settings: EvalSettings, images: torch.Tensor | None = None) -> dict
     """
     settings = _validated(settings)
     with removed_if_left_empty(settings.save), contextlib.ExitStack() as lock:
+        lock.enter_context(no_distribution_validation())  # NaN reaches require_finite_rows
         _prepare_save_folder(settings.save)
         if settings.save is not None and int(os.environ.get("RANK", "0")) == 0:
             lock.enter_context(hold_run_lock(settings.save, "evaluation"))  # one writer per folder

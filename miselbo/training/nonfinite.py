@@ -12,21 +12,11 @@ forward pass before the loss can be checked.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable, Sequence
 
 import torch
 
-
-@contextlib.contextmanager
-def no_distribution_validation():
-    """torch.distributions argument validation off for the block (restored afterwards)."""
-    previous = torch.distributions.Distribution._validate_args
-    torch.distributions.Distribution.set_default_validate_args(False)
-    try:
-        yield
-    finally:
-        torch.distributions.Distribution.set_default_validate_args(previous)
+from miselbo.finite import no_distribution_validation  # noqa: F401 (used by training.run)
 
 
 def _is_finite(value) -> bool:

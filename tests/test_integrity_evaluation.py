@@ -1,0 +1,64 @@
+"""Evaluation with non-finite outputs stops with exit 3 naming the member's checkpoint (its weights
+are finite, so the file itself passes validation), and writes nothing."""
+import pytest
+import torch
+
+from miselbo import evaluate as evaluate_module
+from miselbo.checkpoints import save_nvae_checkpoint
+from miselbo.evaluate import EvalSettings, evaluate
+from miselbo.finite import NonFiniteEvaluation
+from miselbo.nvae.config import default_nvae_args, get_arch_cells
+from miselbo.nvae.model import AutoEncoder
+
+TINY = dict(dataset="mnist", num_channels_enc=4, num_channels_dec=4, num_latent_scales=1,
+            num_groups_per_scale=2, num_latent_per_group=2, num_preprocess_blocks=1,
+            num_preprocess_cells=1, num_postprocess_blocks=1, num_postprocess_cells=1)
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    """Two members sharing one decoder; the second's encoder stem bias is 3e38 (finite, but the
+    encoder's batch norm then overflows to NaN)."""
+    folder = tmp_path_factory.mktemp("members")
+    args = default_nvae_args(**TINY)
+    torch.manual_seed(0)
+    model = AutoEncoder(args, None, get_arch_cells(args.arch_instance))
+    good = save_nvae_checkpoint(folder / "good.pt", model, args)
+    name = "stem.bias"
+    with torch.no_grad():
+        dict(model.named_parameters())[name].fill_(3e38)
+    bad = save_nvae_checkpoint(folder / "overflowing.pt", model, args)
+    return good, bad
+
+
+def _settings(paths, save=None):
+    return EvalSettings(checkpoints=[str(p) for p in paths], num_iw_samples=2, batch_size=4,
+                        show_progress=False, save=save)
+
+
+def _images():
+    return (torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(3)) < 0.3).float()
+
+
+def test_member_with_overflowing_outputs_is_named(members, tmp_path):
+    good, bad = members
+    out = tmp_path / "results"
+    with pytest.raises(NonFiniteEvaluation, match=r"member 2 \(.*overflowing.pt\)") as caught:
+        evaluate(_settings([good, bad], save=str(out)), images=_images())
+    assert caught.value.exit_code == 3
+    assert not (out / "results.json").exists()
+
+
+def test_healthy_members_evaluate_finitely(members):
+    good, _ = members
+    results = evaluate(_settings([good, good]), images=_images())
+    assert results["S"] == 2
+
+
+def test_cli_maps_the_failure_to_exit_3_without_traceback(monkeypatch, capsys, members):
+    def failing(settings, images=None):
+        raise NonFiniteEvaluation("member 1 (x.pt) gives non-finite log-weights")
+    monkeypatch.setattr(evaluate_module, "evaluate", failing)
+    status = evaluate_module.main(["--checkpoints", str(members[0])])
+    err = capsys.readouterr().err
+    assert status == 3 and "evaluation stopped: member 1 (x.pt)" in err and "Traceback" not in err
