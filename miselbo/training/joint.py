@@ -1,11 +1,11 @@
 """train.py --train_new_q --num_new_encoders K (K >= 2, or --include_parent_encoder): K encoders
 trained against one frozen decoder in one run.
 
-Component k (1-based) is built from seed `--seed + k - 1` exactly as a single `--train_new_q` run
-with that seed builds its encoder, gets every decoder tensor of the parent copied and frozen, and
+Component k (1-based) is built after seeding with `--seed + k - 1`, gets every decoder tensor of
+the parent copied and frozen (new_encoder.adopt_decoder, as a single `--train_new_q` run), and
 then uses component 1's decoder objects (one decoder in memory). Each component has its own
-optimizer and cosine schedule (the optimizers are per parameter, so this equals one optimizer over
-all encoders); one GradScaler scales the joint loss. The objective is joint_objective's. Data: one
+optimizer and cosine schedule, saved in its own checkpoint (Adamax updates each parameter from its
+own gradient, so K optimizers act as one over all encoders); one GradScaler scales the joint loss. The objective is joint_objective's. Data: one
 pass over the training set, each batch used by every component (a single run would see the same
 batches for seed 1 only: the data order follows `--seed`).
 

@@ -1,0 +1,167 @@
+"""Separate vs joint training of three encoders against one frozen decoder (train.py
+--num_new_encoders), the comparison of issue 14.
+
+Configurations, each for every base seed s (components get seeds s, s + 1, s + 2):
+  (a) separate     three `train.py --train_new_q` runs, seeds s, s + 1, s + 2 (today's way)
+  (b) independent  one run, `--num_new_encoders 3 --mixture_objective independent`
+  (c) miselbo      one run, `--num_new_encoders 3 --mixture_objective miselbo`
+  (d) s2a          one run, `--num_new_encoders 3 --mixture_objective s2a --num_active 1`
+All train against the same parent decoder with the parent's schedule (inherited flags), so every
+encoder makes the same number of optimizer updates (epochs x steps per epoch; in s2a each step
+draws from one component, but every component is updated through the mixture). Each trio of
+encoders (without the parent) is then evaluated by `miselbo_eval.py` on the test digits: MISELBO,
+pooled, average IWELBO, average ELBO and JSD (nats), plus the training wall time.
+
+Default: the parent is models/mnist5k_demo/p_and_q1 (the demo preset, mnist5k), all 1,000 test
+digits, L = 20, seeds 1 and 4. `--quick` trains a tiny parent and runs every configuration for
+one short epoch on 64 images, evaluating 16 test digits at L = 2 (a smoke test of the script,
+not a measurement). Runs go to --out (default runs/joint_comparison); a finished configuration
+is reused when its results.json exists (delete the folder to re-measure).
+
+Output: one row per configuration (mean +- spread over seeds, the spread being half the range),
+then `RESULT {json}` with every per-seed number.
+
+    python benchmarks/joint_comparison.py [--quick] [--seeds 1 4] [--out DIR] [--parent DIR]
+                                          [--num_iw_samples 20] [--num_examples 1000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from miselbo.presets import TINY  # noqa: E402
+
+NUM_ENCODERS = 3
+CONFIGURATIONS = {
+    "separate": None,
+    "independent": ["--mixture_objective", "independent"],
+    "miselbo": ["--mixture_objective", "miselbo"],
+    "s2a": ["--mixture_objective", "s2a", "--num_active", "1"],
+}
+ESTIMATORS = ("miselbo", "pooled", "avg_iwelbo", "avg_elbo", "jsd")
+QUICK_DATA = ["--num_train_examples", "64", "--num_test_examples", "16", "--final_iw_samples", "2"]
+
+
+def _run(command: list, log_file: Path) -> float:
+    """Run a command from the repository root, output to log_file; wall seconds. Fails loudly."""
+    began = time.perf_counter()
+    with open(log_file, "w") as log:
+        done = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, CI=os.environ.get("CI", "true")))
+    if done.returncode != 0:
+        raise SystemExit(f"command failed (exit {done.returncode}), see {log_file}:\n  {' '.join(command)}")
+    return time.perf_counter() - began
+
+
+def train_command(out: Path, parent: Path, save: str, seed: int, extra: list, quick: bool) -> list:
+    return [sys.executable, "train.py", "--train_new_q", "--p_and_q1_path", str(parent), "--root", str(out),
+            "--save", save, "--seed", str(seed), *extra, *(QUICK_DATA if quick else [])]
+
+
+def train_configuration(name: str, seed: int, options, parent: Path) -> tuple[list, float]:
+    """Train one configuration for one base seed; (three checkpoint folders, training seconds)."""
+    out = Path(options.out)
+    if CONFIGURATIONS[name] is None:
+        folders, seconds = [], 0.0
+        for index in range(NUM_ENCODERS):
+            save = f"separate-s{seed}-q{index + 1}"
+            folders.append(out / f"eval-{save}")
+            command = train_command(out, parent, save, seed + index, [], options.quick)
+            seconds += _run(command, out / f"{save}.log")
+        return folders, seconds
+    save = f"{name}-s{seed}"
+    extra = ["--num_new_encoders", str(NUM_ENCODERS), *CONFIGURATIONS[name]]
+    seconds = _run(train_command(out, parent, save, seed, extra, options.quick), out / f"{save}.log")
+    return [out / f"eval-{save}" / f"component-{i + 1}" for i in range(NUM_ENCODERS)], seconds
+
+
+def evaluate(folders: list, result_dir: Path, options) -> dict:
+    command = [sys.executable, "miselbo_eval.py", "--checkpoints", *map(str, folders),
+               "--num_iw_samples", str(options.num_iw_samples), "--num_examples", str(options.num_examples),
+               "--seed", "0", "--save", str(result_dir)]
+    _run(command, result_dir.parent / f"{result_dir.name}.log")
+    return json.loads((result_dir / "results.json").read_text())
+
+
+def measure(name: str, seed: int, options, parent: Path) -> dict:
+    """Per-seed numbers of one configuration (reused from an earlier run when complete)."""
+    record_file = Path(options.out) / f"{name}-s{seed}.record.json"
+    if record_file.exists():
+        return json.loads(record_file.read_text())
+    folders, seconds = train_configuration(name, seed, options, parent)
+    values = evaluate(folders, Path(options.out) / f"results-{name}-s{seed}", options)
+    record = {"configuration": name, "seed": seed, "train_wall_s": seconds,
+              **{key: values["estimators"][key]["mean"] for key in ESTIMATORS},
+              "stderr": {key: values["estimators"][key]["stderr"] for key in ESTIMATORS},
+              "num_examples": values["num_examples"], "L": values["L"], "S": values["S"]}
+    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def quick_parent(out: Path) -> Path:
+    folder = out / "eval-parent"
+    if not (folder / "checkpoint.pt").exists():
+        _run([sys.executable, "train.py", "--root", str(out), "--save", "parent", "--dataset", TINY.dataset,
+              *TINY.architecture, *TINY.schedule, *QUICK_DATA], out / "parent.log")
+    return folder
+
+
+def summarise(records: list) -> dict:
+    """name -> {quantity: (mean, half range)} over seeds."""
+    table = {}
+    for name in CONFIGURATIONS:
+        rows = [r for r in records if r["configuration"] == name]
+        table[name] = {}
+        for key in (*ESTIMATORS, "train_wall_s"):
+            values = [r[key] for r in rows]
+            table[name][key] = (sum(values) / len(values), (max(values) - min(values)) / 2)
+    return table
+
+
+def print_table(table: dict, options) -> None:
+    print(f"three encoders against one decoder; {len(options.seeds)} seed(s) {options.seeds}; "
+          f"L = {options.num_iw_samples}, {options.num_examples} test digits; mean +- half range (nats)")
+    header = ["configuration", *ESTIMATORS, "train wall s"]
+    print(" | ".join(f"{h:>20}" for h in header))
+    for name, row in table.items():
+        cells = [f"{row[key][0]:>11.4f} +- {row[key][1]:.4f}" for key in (*ESTIMATORS, "train_wall_s")]
+        print(" | ".join([f"{name:>20}", *cells]))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (not a measurement)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="base seeds (default 1 4)")
+    parser.add_argument("--out", default="runs/joint_comparison")
+    parser.add_argument("--parent", default=None, help="parent run folder (default: the shipped demo's "
+                        "p_and_q1; with --quick a tiny parent trained here)")
+    parser.add_argument("--num_iw_samples", type=int, default=None, help="L (default 20; --quick 2)")
+    parser.add_argument("--num_examples", type=int, default=None, help="test digits (default 1000; --quick 16)")
+    options = parser.parse_args(argv)
+    options.seeds = options.seeds or [1, 4]
+    options.num_iw_samples = options.num_iw_samples or (2 if options.quick else 20)
+    options.num_examples = options.num_examples or (16 if options.quick else 1000)
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if options.parent:
+        parent = Path(options.parent)
+    else:
+        parent = quick_parent(out) if options.quick else REPO_ROOT / "models" / "mnist5k_demo" / "p_and_q1"
+    records = [measure(name, seed, options, parent) for name in CONFIGURATIONS for seed in options.seeds]
+    table = summarise(records)
+    print_table(table, options)
+    print("RESULT " + json.dumps({"quick": options.quick, "parent": str(parent), "seeds": options.seeds,
+                                  "L": options.num_iw_samples, "num_examples": options.num_examples,
+                                  "records": records}))
+
+
+if __name__ == "__main__":
+    main()
