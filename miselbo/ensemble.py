@@ -4,7 +4,7 @@ For a batch x [B, C, H, W] and L importance samples per member, `Ensemble.log_we
 ``log_p [B, S, L]`` (log p(x, z_sl), z_sl the l-th draw of member s) and ``log_q [B, S, L, S]``
 (log q_j(z_sl | x) for every member j), float64, in the convention of `miselbo.estimators`.
 
-How (reference doc §6.4, §6.10; design.md "The one idea that makes evaluation fast"):
+How (docs/nvae.md, "Forward pass"):
 
 * each encoder's bottom-up pass runs once per batch (S passes, reused for all L samples);
 * for each source member s, its L samples go through ONE batched decoder pass per chunk (rows =
@@ -22,14 +22,23 @@ where (Ws_j o Wc_j)[o, i] = sum_c Ws_j[o, c] Wc_j[c, i] (zero padding commutes w
 The S composed kernels are stacked into one [S 2L, C_dec, k, k] convolution that reads the shared
 state once; this costs less than a combiner conv with S C outputs followed by a grouped sampler
 conv (2.2-2.6x faster for S = 2..8 on one CPU thread, benchmarks/eval_speed.py), and is exact up to
-float32 round-off. The stacked weights are written once, when the Ensemble is built (eval mode: the
-weight-normalised weights are fixed); build a new Ensemble after changing any weight.
+float32 round-off. The stacked weights are written when the Ensemble is built and rebuilt whenever a
+head parameter changed since (checked on every call through the parameters' identities and in-place
+version counters, so a load_state_dict or an optimizer step is picked up; tests/test_ensemble.py).
+
+Memory linear in S (`reduced_weights`): each source member's samples are reduced as soon as they
+are scored, to log p, its own log q, log q_mix (all S members) and, when asked, the mixture of the
+example's active members and of the first S' members; nothing of size S x S x L per example is kept.
+Active subsets (S2A / S2S, Hotti et al. 2024): member s is sampled only for the examples whose
+subset holds s, so the decoder sees A x L samples per example instead of S x L; every sample is
+still scored under all S heads (one stacked convolution), which S2S then restricts to its subset.
+Matched baseline: `extra_own_samples` more draws per member scored only by that member's own head.
 
 Flows (num_nf > 0): scoring member j at the source's post-flow z* inverts j's flows by fixed-point
-iteration (`AutoEncoder.invert_flows`); NVAE's flows preserve volume (log_det = 0, §4.6), so
+iteration (`AutoEncoder.invert_flows`); NVAE's flows preserve volume (log_det = 0), so
 log q_j(z*) = log N_j(f_j^-1(z*)); the source's own density uses its own pre-flow draw exactly.
-The largest inversion residual is returned. Later groups' heads see the states the decoder computed
-from the post-flow z, as in the decoder itself.
+The largest inversion residual is returned with the member and group where it occurred. Later
+groups' heads see the states the decoder computed from the post-flow z, as in the decoder itself.
 
 Memory holds one decoder: `share_decoder` makes the members use member 0's decoder modules, so the
 others' decoders can be freed (`miselbo.evaluate` does this right after loading each checkpoint).
@@ -39,8 +48,10 @@ draws depend on the chunk size, since each pass draws one tensor per group).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Sequence
+
+import math
 
 import torch
 import torch.nn as nn
@@ -50,7 +61,7 @@ from miselbo.checkpoints import architecture_differences
 from miselbo.nvae.distributions import Normal, reconstruction_loss
 from miselbo.nvae.model import DECODER_MODULE_NAMES, AutoEncoder, EncoderFeatures
 
-__all__ = ["Ensemble", "EnsembleLogWeights", "share_decoder", "uses_shared_decoder",
+__all__ = ["Ensemble", "EnsembleLogWeights", "ReducedLogWeights", "share_decoder", "uses_shared_decoder",
            "default_chunk_size", "naive_log_weights", "DEFAULT_PASS_ROWS"]
 
 # Rows (chunk x batch) of one decoder pass when no chunk size is given. On the 2-core CPU used for
@@ -68,7 +79,7 @@ def default_chunk_size(batch_size: int, num_samples: int, device: torch.device) 
 # ----------------------------------------------------------------------------- the shared decoder
 
 def _decoder_parts(model: AutoEncoder) -> dict:
-    """name -> module or parameter of every decoder part the model has (§6.10)."""
+    """name -> module or parameter of every decoder part the model has."""
     parts = {}
     for name in DECODER_MODULE_NAMES:
         value = getattr(model, name, None)
@@ -100,12 +111,36 @@ def uses_shared_decoder(a: AutoEncoder, b: AutoEncoder) -> bool:
 class EnsembleLogWeights(NamedTuple):
     """log_p [B, S, L] and log_q [B, S, L, S] (float64), the largest flow-inversion residual
     (0.0 without flows) and, when recorded, each group's draws as [B, S, L, *latent_shape]:
-    latents_pre (the source's own pre-flow draw) and latents_post (what the decoder received)."""
+    latents_pre (the source's own pre-flow draw) and latents_post (what the decoder received).
+    flow_residual_at: (member, group) of the largest residual (0-based), None without flows."""
     log_p: torch.Tensor
     log_q: torch.Tensor
     max_flow_residual: float
     latents_pre: list | None
     latents_post: list | None
+    flow_residual_at: tuple | None = None
+
+
+@dataclass
+class ReducedLogWeights:
+    """What the estimators need, reduced per source member (float64, [B, S, L] unless stated).
+
+    log_p: log p(x, z_sl); log_q_own: log q_s(z_sl); log_q_mix: log (1/S) sum_j q_j(z_sl).
+    Rows (b, s) of members outside example b's active subset are NaN.
+    active: [B, S] bool, the subset each example sampled from (None: every member).
+    log_q_mix_active: log (1/|A_b|) sum_{j in A_b} q_j(z_sl), the S2S mixture (None without subsets).
+    log_q_mix_prefix: {S': [B, S', L]}, the mixture of members 0..S'-1 at their own samples.
+    log_w_own_extra: [B, S, M], log p - log q_s of M further draws of member s (matched baseline).
+    """
+    log_p: torch.Tensor
+    log_q_own: torch.Tensor
+    log_q_mix: torch.Tensor
+    active: torch.Tensor | None = None
+    log_q_mix_active: torch.Tensor | None = None
+    log_q_mix_prefix: dict = field(default_factory=dict)
+    log_w_own_extra: torch.Tensor | None = None
+    max_flow_residual: float = 0.0
+    flow_residual_at: tuple | None = None
 
 
 @dataclass
@@ -114,10 +149,20 @@ class _BatchContext:
     of each group's posterior parameters (group 0: the complete Normal of all members)."""
     x: torch.Tensor  # [B, C, H, W]
     features: list  # S x EncoderFeatures
+    top_raw: torch.Tensor  # group 0's raw posterior parameters [1, B, S, 2L, h, w]
     top_posterior: Normal  # group 0, parameters [1, B, S, L, h, w]
     head_bases: list  # group g >= 1: [1, B, S, 2L, h, w] = Samp_j(F_j + bc_j); index 0 unused
     latents: Sequence[torch.Tensor] | None
     record: tuple | None  # (latents_pre, latents_post) lists being filled, or None
+
+    def select_rows(self, rows: torch.Tensor) -> "_BatchContext":
+        """The context of the examples `rows` [b] only (no latents given, nothing recorded)."""
+        features = [EncoderFeatures(feat.top[rows], [None if f is None else f[rows] for f in feat.bottom_up])
+                    for feat in self.features]
+        top_raw = self.top_raw[:, rows]
+        bases = [None if base is None else base[:, rows] for base in self.head_bases]
+        return _BatchContext(self.x[rows], features, top_raw, Normal(*torch.chunk(top_raw, 2, dim=3)),
+                             bases, None, None)
 
 
 class _PassState:
@@ -127,6 +172,11 @@ class _PassState:
         self.log_prior = torch.zeros(count * batch, dtype=torch.float64, device=device)  # [N]
         self.log_q = torch.zeros(count, batch, num_members, dtype=torch.float64, device=device)
         self.max_residual = 0.0
+        self.residual_at = None  # (member, group) of max_residual
+
+    def note_residual(self, residual: float, member: int, group: int) -> None:
+        if self.residual_at is None or residual > self.max_residual:
+            self.max_residual, self.residual_at = residual, (member, group)
 
 
 # ----------------------------------------------------------------------------- the ensemble
@@ -151,8 +201,26 @@ class Ensemble:
         self.num_members = len(self.members)
         self.num_groups = self.decoder.num_groups
         self.with_flows = self.decoder.with_nf
+        self._head_versions = None
+        self._refresh_heads()
+
+    def _head_parameter_versions(self) -> tuple:
+        """(identity, in-place version) of every parameter the stacked heads are built from."""
+        versions = []
+        for member in self.members:
+            for group in range(1, self.num_groups):
+                for module in (member.encoder_combiner(group).conv, member.enc_sampler[group]):
+                    versions += [(id(param), param._version) for param in module.parameters()]
+        return tuple(versions)
+
+    def _refresh_heads(self) -> None:
+        """(Re)build the stacked head weights if any head parameter was replaced or changed in place."""
+        versions = self._head_parameter_versions()
+        if versions == self._head_versions:
+            return
         with torch.no_grad():
             self._head_weights = [None] + [self._stacked_head(g) for g in range(1, self.num_groups)]
+        self._head_versions = versions
 
     def _check_members(self, check_decoders: bool) -> None:
         first = self.decoder
@@ -192,7 +260,8 @@ class Ensemble:
         features = [member.encode_bottom_up(x) for member in self.members]
         top = torch.stack([member.enc_sampler[0](feat.top) for member, feat in zip(self.members, features)],
                           dim=1)  # [B, S, 2L, h, w]
-        top_posterior = Normal(*torch.chunk(top.unsqueeze(0), 2, dim=3))  # [1, B, S, L, h, w]
+        top_raw = top.unsqueeze(0)  # [1, B, S, 2L, h, w]
+        top_posterior = Normal(*torch.chunk(top_raw, 2, dim=3))  # [1, B, S, L, h, w]
         bases = [None]
         for group in range(1, self.num_groups):
             bases.append(torch.stack([self._head_base(member, feat, group)
@@ -201,7 +270,7 @@ class Ensemble:
         if record_latents:
             record = tuple([x.new_zeros(x.shape[0], self.num_members, num_samples, *shape)
                             for shape in self.decoder.latent_shapes] for _ in range(2))
-        return _BatchContext(x, features, top_posterior, bases, latents, record)
+        return _BatchContext(x, features, top_raw, top_posterior, bases, latents, record)
 
     @staticmethod
     def _head_base(member: AutoEncoder, features: EncoderFeatures, group: int) -> torch.Tensor:
@@ -211,28 +280,35 @@ class Ensemble:
 
     # ------------------------------------------------------------------------- per group
 
-    def _posterior_all(self, ctx: _BatchContext, group: int, state: torch.Tensor, prior, count: int) -> Normal:
-        """Every member's posterior of group g on the decoder state [N, C, h, w]; parameters
-        [count, B, S, L, h, w] (or [1, B, S, L, h, w] for g = 0)."""
+    def _posterior_all(self, ctx: _BatchContext, group: int, state: torch.Tensor, prior, count: int,
+                       columns: list | None = None) -> Normal:
+        """The posteriors of group g of every member (or of `columns` only, C of them) on the decoder
+        state [N, C_dec, h, w]; parameters [count, B, S or C, L, h, w] ([1, B, ...] for g = 0)."""
         if group == 0:
-            return ctx.top_posterior
+            if columns is None:
+                return ctx.top_posterior
+            return Normal(*torch.chunk(ctx.top_raw[:, :, columns], 2, dim=3))
         weight, padding, dilation = self._head_weights[group]
-        per_sample = F.conv2d(state, weight, None, 1, padding, dilation)  # [N, S 2L, h, w]
-        enc_param = ctx.head_bases[group] + per_sample.view(count, -1, *ctx.head_bases[group].shape[2:])
+        base = ctx.head_bases[group]  # [1, B, S, 2L, h, w]
+        if columns is not None:
+            weight = weight.view(self.num_members, -1, *weight.shape[1:])[columns].flatten(0, 1)
+            base = base[:, :, columns]
+        per_sample = F.conv2d(state, weight, None, 1, padding, dilation)  # [N, C 2L, h, w]
+        enc_param = base + per_sample.view(count, -1, *base.shape[2:])
         mu_raw, log_sigma_raw = torch.chunk(enc_param, 2, dim=3)  # [n, B, S, L, h, w]
         if self.decoder.res_dist:
             mu_raw = mu_raw + prior.mu_raw.view(count, -1, 1, *prior.mu_raw.shape[1:])
             log_sigma_raw = log_sigma_raw + prior.log_sigma_raw.view(count, -1, 1, *prior.mu_raw.shape[1:])
         return Normal(mu_raw, log_sigma_raw)
 
-    def _source_draw(self, ctx, posterior: Normal, group: int, source: int, start: int, count: int,
+    def _source_draw(self, ctx, posterior: Normal, group: int, source: int, own: int, start: int, count: int,
                      generator) -> torch.Tensor:
         """The source's pre-flow z of this pass, [count, B, L, h, w]: given, or eps * sigma + mu."""
         batch = ctx.x.shape[0]
         if ctx.latents is not None:
             given = ctx.latents[group][:, source, start:start + count]  # [B, n, L, h, w]
             return given.transpose(0, 1).to(ctx.x)
-        mu, sigma = posterior.mu[:, :, source], posterior.sigma[:, :, source]  # [n or 1, B, L, h, w]
+        mu, sigma = posterior.mu[:, :, own], posterior.sigma[:, :, own]  # [n or 1, B, L, h, w]
         eps = torch.randn((count, batch, *mu.shape[2:]), generator=generator, dtype=mu.dtype, device=mu.device)
         return eps * sigma + mu
 
@@ -244,34 +320,37 @@ class Ensemble:
         return member.encoder_combiner(group)(_repeat_rows(features.bottom_up[group], count), state)
 
     def _points_per_member(self, group: int, source: int, z_pre: torch.Tensor, z_post: torch.Tensor,
-                           pass_state: _PassState) -> torch.Tensor:
-        """Where each member's base Normal is evaluated: [n, B, S or 1, L, h, w]. Without flows the
-        post-flow z itself (broadcast); with flows f_j^-1(z*) for j != s and the own pre-flow draw."""
+                           pass_state: _PassState, columns: list | None = None) -> torch.Tensor:
+        """Where each scored member's base Normal is evaluated: [n, B, S or C or 1, L, h, w]. Without
+        flows the post-flow z itself (broadcast); with flows f_j^-1(z*) for j != s and the own draw."""
         if not self.with_flows:
             return z_post.unsqueeze(2)
         rows_shape = z_post.shape
         flat_post = z_post.reshape(-1, *rows_shape[2:])
         points = []
-        for index, member in enumerate(self.members):
+        for index in (range(self.num_members) if columns is None else columns):
             if index == source:
                 points.append(z_pre)
                 continue
-            pre_image, residual = member.invert_flows(group, flat_post)
-            pass_state.max_residual = max(pass_state.max_residual, float(residual))
+            pre_image, residual = self.members[index].invert_flows(group, flat_post)
+            pass_state.note_residual(float(residual), index, group)
             points.append(pre_image.view(rows_shape))
         return torch.stack(points, dim=2)
 
     # ------------------------------------------------------------------------- decoder passes
 
-    def _source_pass(self, ctx: _BatchContext, source: int, start: int, count: int, generator):
-        """One decoder pass for samples [start, start + count) of member `source`: returns
-        (log_p [B, count], log_q [B, count, S], max residual)."""
+    def _source_pass(self, ctx: _BatchContext, source: int, start: int, count: int, generator,
+                     columns: list | None = None):
+        """One decoder pass for samples [start, start + count) of member `source`, scored by every
+        member (or by `columns`, which must hold source): returns (log_p [B, count],
+        log_q [B, count, S or C], the pass's _PassState for the flow residual)."""
         batch = ctx.x.shape[0]
-        pass_state = _PassState(count, batch, self.num_members, ctx.x.device)
+        pass_state = _PassState(count, batch, self.num_members if columns is None else len(columns), ctx.x.device)
+        own = source if columns is None else columns.index(source)
 
         def choose_z(group: int, state: torch.Tensor, prior) -> torch.Tensor:
-            posterior = self._posterior_all(ctx, group, state, prior, count)
-            z_pre = self._source_draw(ctx, posterior, group, source, start, count, generator)  # [n, B, L, h, w]
+            posterior = self._posterior_all(ctx, group, state, prior, count, columns)
+            z_pre = self._source_draw(ctx, posterior, group, source, own, start, count, generator)  # [n, B, L, h, w]
             flat_pre = z_pre.reshape(count * batch, *z_pre.shape[2:])
             if self.with_flows:
                 context = self._flow_context(ctx, group, source, state, count)
@@ -279,7 +358,7 @@ class Ensemble:
             else:
                 flat_post = flat_pre
             z_post = flat_post.view(z_pre.shape)
-            points = self._points_per_member(group, source, z_pre, z_post, pass_state)
+            points = self._points_per_member(group, source, z_pre, z_post, pass_state, columns)
             pass_state.log_q += posterior.log_p(points).sum(dim=(3, 4, 5)).double()  # [n, B, S]
             prior_density = Normal(prior.mu_raw, prior.log_sigma_raw).log_p(flat_post)
             pass_state.log_prior += prior_density.sum(dim=(1, 2, 3)).double()  # [N]
@@ -292,7 +371,7 @@ class Ensemble:
         output = self.decoder.decoder_output(logits)
         log_likelihood = -reconstruction_loss(output, _repeat_rows(ctx.x, count), self.decoder.crop_output)
         log_p = (log_likelihood.double() + pass_state.log_prior).view(count, batch)
-        return log_p.transpose(0, 1), pass_state.log_q.transpose(0, 1), pass_state.max_residual
+        return log_p.transpose(0, 1), pass_state.log_q.transpose(0, 1), pass_state
 
     @torch.no_grad()
     def log_weights(self, x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
@@ -309,23 +388,99 @@ class Ensemble:
         """
         num_samples = _positive_int("num_samples", num_samples)
         batch = x.shape[0]
-        chunk = default_chunk_size(batch, num_samples, x.device) if chunk_size is None \
-            else min(_positive_int("chunk_size", chunk_size), num_samples)
+        chunk = self._chunk(batch, num_samples, chunk_size, x.device)
         self._check_latents(latents, batch, num_samples)
+        self._refresh_heads()
         ctx = self._batch_context(x, num_samples, latents, record_latents)
         log_p = torch.empty(batch, self.num_members, num_samples, dtype=torch.float64, device=x.device)
         log_q = torch.empty(batch, self.num_members, num_samples, self.num_members, dtype=torch.float64,
                             device=x.device)
-        max_residual = 0.0
+        worst = _PassState(0, 0, 0, x.device)
         for source in range(self.num_members):
             for start in range(0, num_samples, chunk):
                 count = min(chunk, num_samples - start)
-                part_p, part_q, residual = self._source_pass(ctx, source, start, count, generator)
+                part_p, part_q, pass_state = self._source_pass(ctx, source, start, count, generator)
                 log_p[:, source, start:start + count] = part_p
                 log_q[:, source, start:start + count] = part_q
-                max_residual = max(max_residual, residual)
+                _merge_residual(worst, pass_state)
         recorded = ctx.record if ctx.record is not None else (None, None)
-        return EnsembleLogWeights(log_p, log_q, max_residual, *recorded)
+        return EnsembleLogWeights(log_p, log_q, worst.max_residual, *recorded,
+                                  flow_residual_at=worst.residual_at if self.with_flows else None)
+
+    @staticmethod
+    def _chunk(batch: int, num_samples: int, chunk_size: int | None, device) -> int:
+        if chunk_size is None:
+            return default_chunk_size(batch, num_samples, device)
+        return min(_positive_int("chunk_size", chunk_size), num_samples)
+
+    @torch.no_grad()
+    def reduced_weights(self, x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
+                        chunk_size: int | None = None, active: torch.Tensor | None = None,
+                        prefix_sizes: Sequence[int] = (), extra_own_samples: int = 0,
+                        sample_only_active: bool = True) -> ReducedLogWeights:
+        """ReducedLogWeights of x [B, C, H, W] with L = num_samples per sampled member, in memory
+        linear in S (see the module docstring).
+
+        active: [B, S] bool, each example's subset (None: all); log_q_mix_active is its mixture.
+        sample_only_active: pass a member through the decoder only with the examples whose subset
+        holds it (S2A / S2S alone); False samples every member for every example (with A2A).
+        prefix_sizes: the S' whose mixture of members 0..S'-1 is kept (the ablation's sub-ensembles).
+        extra_own_samples: M further draws per member, scored by its own head only (all members
+        sampled: not with sample_only_active subsets). With active None, the first draws are those of log_weights for
+        the same generator and chunk size, and the numbers agree with its tensors to round-off.
+        """
+        num_samples = _positive_int("num_samples", num_samples)
+        batch = x.shape[0]
+        active = self._check_active(active, batch, extra_own_samples if sample_only_active else 0)
+        self._refresh_heads()
+        ctx = self._batch_context(x, num_samples, None, False)
+        reduced = _empty_reduction(batch, self.num_members, num_samples, active, prefix_sizes, x.device)
+        worst = _PassState(0, 0, 0, x.device)
+        for source in range(self.num_members):
+            rows = active[:, source].nonzero().flatten() if active is not None and sample_only_active else None
+            if rows is not None and rows.numel() == 0:
+                continue
+            source_ctx = ctx if rows is None else ctx.select_rows(rows)
+            chunk = self._chunk(source_ctx.x.shape[0], num_samples, chunk_size, x.device)
+            for start in range(0, num_samples, chunk):
+                count = min(chunk, num_samples - start)
+                part_p, part_q, pass_state = self._source_pass(source_ctx, source, start, count, generator)
+                _reduce_part(reduced, source, rows, slice(start, start + count), part_p, part_q)
+                _merge_residual(worst, pass_state)
+        if extra_own_samples:
+            reduced.log_w_own_extra = self._own_log_weights(ctx, extra_own_samples, chunk_size, generator, worst)
+        reduced.max_flow_residual = worst.max_residual
+        reduced.flow_residual_at = worst.residual_at if self.with_flows else None
+        return reduced
+
+    def _own_log_weights(self, ctx: _BatchContext, num_samples: int, chunk_size, generator,
+                         worst: _PassState) -> torch.Tensor:
+        """log p - log q_s of num_samples further draws of every member s, own head only: [B, S, M]."""
+        batch = ctx.x.shape[0]
+        out = torch.empty(batch, self.num_members, num_samples, dtype=torch.float64, device=ctx.x.device)
+        chunk = self._chunk(batch, num_samples, chunk_size, ctx.x.device)
+        for source in range(self.num_members):
+            for start in range(0, num_samples, chunk):
+                count = min(chunk, num_samples - start)
+                part_p, part_q, pass_state = self._source_pass(ctx, source, start, count, generator, [source])
+                out[:, source, start:start + count] = part_p - part_q[..., 0]  # [B, count]
+                _merge_residual(worst, pass_state)
+        return out
+
+    def _check_active(self, active, batch: int, extra_own_samples: int):
+        if isinstance(extra_own_samples, bool) or not isinstance(extra_own_samples, int) or extra_own_samples < 0:
+            raise ValueError(f"reduced_weights: extra_own_samples must be an int >= 0, got {extra_own_samples!r}")
+        if active is None:
+            return None
+        if tuple(active.shape) != (batch, self.num_members) or active.dtype != torch.bool:
+            raise ValueError(f"reduced_weights: active must be a bool tensor of shape [B, S] = "
+                             f"{(batch, self.num_members)}, got {active.dtype} {tuple(active.shape)}")
+        if not bool(active.any(dim=1).all()):
+            raise ValueError("reduced_weights: every example needs at least one active member")
+        if extra_own_samples:
+            raise ValueError("reduced_weights: extra_own_samples needs every member sampled "
+                             "(sample_only_active=False or active None)")
+        return active.to(self.decoder.prior_ftr0.device)
 
     def _check_latents(self, latents, batch: int, num_samples: int) -> None:
         if latents is None:
@@ -345,7 +500,8 @@ class Ensemble:
 def naive_log_weights(members: Sequence[AutoEncoder], x: torch.Tensor, latents_pre: Sequence[torch.Tensor],
                       check_post=None) -> tuple[torch.Tensor, torch.Tensor]:
     """log_p [B, S, L], log_q [B, S, L, S] (float64, CPU) by S*S*L full forward passes, one sample at a
-    time: the public MISELBO algorithm (reference doc §10.4) with its flow defect D5 fixed.
+    time: the public MISELBO algorithm, except that foreign members' flows are inverted (the public
+    code scored them at the wrong point).
 
     For source s and sample l: member s's full forward pass with its pre-flow draw
     latents_pre[g][:, s, l] gives log p(x, z) and log q_s; for every other member j, a full forward
@@ -377,6 +533,41 @@ def naive_log_weights(members: Sequence[AutoEncoder], x: torch.Tensor, latents_p
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _merge_residual(worst: _PassState, pass_state: _PassState) -> None:
+    if pass_state.residual_at is not None:
+        worst.note_residual(pass_state.max_residual, *pass_state.residual_at)
+
+
+def _empty_reduction(batch: int, num_members: int, num_samples: int, active, prefix_sizes, device):
+    """A ReducedLogWeights of NaN tensors to be filled by _reduce_part."""
+    def nan(members=num_members):
+        return torch.full((batch, members, num_samples), math.nan, dtype=torch.float64, device=device)
+    prefix = {}
+    for size in prefix_sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= num_members:
+            raise ValueError(f"reduced_weights: prefix sizes must be ints in 1..{num_members}, got {size!r}")
+        prefix[size] = nan(size)
+    return ReducedLogWeights(nan(), nan(), nan(), active, None if active is None else nan(), prefix)
+
+
+def _reduce_part(reduced: ReducedLogWeights, source: int, rows, samples: slice,
+                 part_p: torch.Tensor, part_q: torch.Tensor) -> None:
+    """Store what the estimators need of one pass: part_p [b, n], part_q [b, n, S] (b = rows or B)."""
+    num_members = part_q.shape[-1]
+    where = (slice(None) if rows is None else rows, source, samples)
+    reduced.log_p[where] = part_p
+    reduced.log_q_own[where] = part_q[..., source]
+    reduced.log_q_mix[where] = torch.logsumexp(part_q, dim=-1) - math.log(num_members)  # [b, n]
+    if reduced.active is not None:
+        active = (reduced.active if rows is None else reduced.active[rows]).unsqueeze(1)  # [b, 1, S]
+        masked = part_q.masked_fill(~active, -math.inf)
+        size = active.sum(dim=-1).double()  # [b, 1]
+        reduced.log_q_mix_active[where] = torch.logsumexp(masked, dim=-1) - torch.log(size)
+    for prefix, mixture in reduced.log_q_mix_prefix.items():
+        if source < prefix:
+            mixture[where] = torch.logsumexp(part_q[..., :prefix], dim=-1) - math.log(prefix)
+
 
 def _repeat_rows(tensor: torch.Tensor, count: int) -> torch.Tensor:
     """[B, ...] -> [count * B, ...], row l * B + b = tensor[b] (the pass layout: sample-major)."""

@@ -36,6 +36,8 @@ __all__ = [
     "draw_members",
     "some_to_all",
     "some_to_some",
+    "iwelbo_from_log_weights",
+    "reduced",
 ]
 
 Members = Sequence[int] | torch.Tensor | int
@@ -142,8 +144,25 @@ def _log_mix(log_q: torch.Tensor) -> torch.Tensor:
 
 def _per_member_mis(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """logsumexp_l (log_p - log_q_mix) - log L: [..., K, L], [..., K, L, M] -> [..., K]."""
-    log_w_mix = log_p - _log_mix(log_q)  # [..., K, L]
+    return _per_member_mis_of_mixture(log_p, _log_mix(log_q))
+
+
+def _per_member_mis_of_mixture(log_p: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tensor:
+    """logsumexp_l (log_p - log_q_mix) - log L: [..., K, L], [..., K, L] -> [..., K]."""
+    log_w_mix = log_p - log_q_mix  # [..., K, L]
     return torch.logsumexp(log_w_mix, dim=-1) - math.log(log_p.shape[-1])
+
+
+def _pooled_of_mixture(log_p: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tensor:
+    """logsumexp_{s, l} (log_p - log_q_mix) - log(S L): [..., S, L] twice -> [...]."""
+    log_w_mix = log_p - log_q_mix  # [..., S, L]
+    num_weights = log_w_mix.shape[-1] * log_w_mix.shape[-2]
+    return torch.logsumexp(log_w_mix, dim=(-2, -1)) - math.log(num_weights)
+
+
+def _iwelbo_of_log_weights(log_w: torch.Tensor) -> torch.Tensor:
+    """logsumexp_l log_w - log L: [..., S, L] -> [..., S]."""
+    return torch.logsumexp(log_w, dim=-1) - math.log(log_w.shape[-1])
 
 
 def _log_w_own(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -187,9 +206,7 @@ def pooled_mis_bound(log_p, log_q) -> torch.Tensor:
     with equality when S = 1 (both are then the IWELBO).
     """
     log_p, log_q = _validated(log_p, log_q)
-    log_w_mix = log_p - _log_mix(log_q)  # [..., S, L]
-    num_weights = log_w_mix.shape[-1] * log_w_mix.shape[-2]
-    return torch.logsumexp(log_w_mix, dim=(-2, -1)) - math.log(num_weights)
+    return _pooled_of_mixture(log_p, _log_mix(log_q))
 
 
 def iwelbo(log_p, log_q) -> torch.Tensor:
@@ -199,7 +216,7 @@ def iwelbo(log_p, log_q) -> torch.Tensor:
     Only the own-density diagonal of log_q is read. L = 1 is the member's single-sample ELBO.
     """
     log_p, log_q = _validated(log_p, log_q)
-    return torch.logsumexp(_log_w_own(log_p, log_q), dim=-1) - math.log(log_p.shape[-1])
+    return _iwelbo_of_log_weights(_log_w_own(log_p, log_q))
 
 
 def average_iwelbo(log_p, log_q) -> torch.Tensor:
@@ -319,3 +336,65 @@ def some_to_some(log_p, log_q, members: Members, generator: torch.Generator | No
     """
     log_p_subset, log_q_subset = _subset_tensors(log_p, log_q, members, generator, keep_all_columns=False)
     return _per_member_mis(log_p_subset, log_q_subset).mean(dim=-1)
+
+
+def iwelbo_from_log_weights(log_w) -> torch.Tensor:
+    """Each member's IWELBO from its own log-weights log_w [..., S, M] = log p - log q_s: [..., S].
+
+    iwelbo[..., s] = logsumexp_m log_w[..., s, m] - log M. With M = S L (the L samples MISELBO used
+    plus (S - 1) L more) it is the compute-matched baseline: as many samples as MISELBO spends.
+    """
+    log_w = _require_tensor("log_w", log_w).to(torch.float64)
+    if log_w.dim() < 2 or log_w.shape[-1] < 1 or log_w.shape[-2] < 1:
+        raise ValueError(f"log_w must have shape [..., S, M] with S, M >= 1; got {tuple(log_w.shape)}")
+    _check_no_nan_or_posinf("log_w", log_w)
+    return _iwelbo_of_log_weights(log_w)
+
+
+# ----------------------------------------------------------------------------- reduced inputs
+
+class reduced:  # noqa: N801 (a namespace of functions)
+    """The same estimators from per-sample reductions, for evaluators that never hold log_q.
+
+    Inputs are [..., S, L] float64 tensors: log_p, log_q_own = log q_s(z_sl) and
+    log_q_mix = log (1/S) sum_j q_j(z_sl) (or the mixture of a subset). On the same numbers they
+    equal the full-tensor functions (the full ones call these kernels). No validation here: the
+    caller (e.g. miselbo.ensemble.Ensemble.reduced_weights) produces the tensors.
+    """
+
+    @staticmethod
+    def per_member_mis(log_p: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tensor:
+        """[..., S]: logsumexp_l (log_p - log_q_mix) - log L (MISELBO's term of each member)."""
+        return _per_member_mis_of_mixture(log_p, log_q_mix)
+
+    @staticmethod
+    def miselbo(log_p: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tensor:
+        """[...]: (1/S) sum_s [ logsumexp_l (log_p - log_q_mix) - log L ]."""
+        return _per_member_mis_of_mixture(log_p, log_q_mix).mean(dim=-1)
+
+    @staticmethod
+    def pooled(log_p: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tensor:
+        """[...]: logsumexp_{s, l} (log_p - log_q_mix) - log(S L)."""
+        return _pooled_of_mixture(log_p, log_q_mix)
+
+    @staticmethod
+    def iwelbo(log_w: torch.Tensor) -> torch.Tensor:
+        """[..., S]: logsumexp_l log_w - log L, log_w = log_p - log_q_own (any number of samples)."""
+        return _iwelbo_of_log_weights(log_w)
+
+    @staticmethod
+    def average_elbo(log_p: torch.Tensor, log_q_own: torch.Tensor) -> torch.Tensor:
+        """[...]: (1/(S L)) sum_{s, l} (log_p - log_q_own)."""
+        return (log_p - log_q_own).mean(dim=(-2, -1))
+
+    @staticmethod
+    def jsd(log_q_own: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tensor:
+        """[...]: (1/(S L)) sum_{s, l} (log_q_own - log_q_mix)."""
+        return (log_q_own - log_q_mix).mean(dim=(-2, -1))
+
+    @staticmethod
+    def subset_mean(per_member: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """[...]: (1/|A|) sum_{s in A} per_member[..., s] for a bool mask active [..., S] (S2A / S2S
+        from per_member_mis with the full or the subset mixture; rows outside A may hold NaN)."""
+        picked = torch.where(active, per_member, torch.zeros_like(per_member))
+        return picked.sum(dim=-1) / active.sum(dim=-1)

@@ -20,13 +20,16 @@ callables return. Work runs under ``torch.no_grad()``; peak memory is that of on
 ``chunk_size`` samples (plus the float64 results, S * L * B * (S + 1) numbers).
 Cost: S * L samples, S * L log-joint evaluations and S * S * L member densities; with
 ``sources = A`` (for the some-to-all estimator) |A| * L samples and log-joints, |A| * S * L densities.
+
+``compute_own_log_weights`` gives each member's own log-weights only (log p - log q_s, S * L
+densities), for the compute-matched baseline: each member's IWELBO with S * L of its own samples.
 """
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import torch
 
-__all__ = ["Member", "LogWeights", "compute_log_weights"]
+__all__ = ["Member", "LogWeights", "compute_log_weights", "compute_own_log_weights"]
 
 
 class Member(Protocol):
@@ -168,3 +171,40 @@ def compute_log_weights(
     log_p = _rows_for_sources(source_log_p, source_indices, len(members))  # [S, L, *batch]
     log_q = _rows_for_sources(source_log_q, source_indices, len(members))  # [S, L, *batch, S]
     return LogWeights(log_p.movedim((0, 1), (-2, -1)), log_q.movedim((0, 1), (-3, -2)))
+
+
+@torch.no_grad()
+def compute_own_log_weights(
+    members: Sequence[Member],
+    log_joint: LogJoint,
+    x: torch.Tensor | None = None,
+    num_samples: int = 1,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """log_w [..., S, L] = log_joint(x, z_sl) - log q_s(z_sl | x), z_sl ~ members[s]: own densities only.
+
+    With the own diagonal of compute_log_weights' first L samples concatenated in front of
+    (S - 1) * L more from here, estimators.iwelbo_from_log_weights gives the compute-matched baseline
+    (each member's IWELBO at S * L samples). Same shape contract and chunking as compute_log_weights.
+    """
+    if len(members) < 1:
+        raise ValueError("members must hold at least one member (S >= 1); got none")
+    _check_positive_int("num_samples", num_samples)
+    chunk_size = num_samples if chunk_size is None else chunk_size
+    _check_positive_int("chunk_size", chunk_size)
+    batch = _batch_shape(x)
+    event, rows = None, []
+    for source, member in enumerate(members):
+        chunks = []
+        for start in range(0, num_samples, chunk_size):
+            num = min(chunk_size, num_samples - start)
+            z = _checked_sample(member, source, x, num, batch, event)  # [n, *batch, *event]
+            event = tuple(z.shape[1 + len(batch):])
+            lead = (num, *batch)
+            log_p = _checked_scores(f"log_joint (on samples of member {source})", log_joint(x, z), lead)
+            log_q = _checked_scores(f"member {source}: log_prob", member.log_prob(z, x), lead)
+            if not ((log_p < torch.inf).all() and (log_q < torch.inf).all() and (log_q > -torch.inf).all()):
+                raise ValueError(f"member {source}: log_joint or log_prob gave NaN or inf at its own samples")
+            chunks.append(log_p - log_q)  # [n, *batch]
+        rows.append(torch.cat(chunks))  # [L, *batch]
+    return torch.stack(rows).movedim((0, 1), (-2, -1))  # [*batch, S, L]

@@ -21,6 +21,7 @@ from miselbo.ensemble_loading import discover_demo_ensemble, load_members
 from miselbo.eval_data import STREAM_DRAWS, EvaluationExamples, derived_seed
 from miselbo.evaluate import EvalSettings, _shard_batches, build_parser, evaluate, main, settings_from_args
 from miselbo.data import load_dataset
+from miselbo.results import ValuePlan, summarise
 
 NUM_EXAMPLES, BATCH = 10, 4  # batches of 4, 4, 2: unequal, so per-batch means would differ
 
@@ -81,7 +82,11 @@ def test_cli_writes_every_output(ensemble_dir, tmp_path, capsys):
     rows = (save / "ablation.csv").read_text().splitlines()
     assert rows[0] == "S,L,estimator,mean,stderr,nll_nats,nll_bpd"
     table = {(int(s), int(l), name): float(mean) for s, l, name, mean, *_ in (row.split(",") for row in rows[1:])}
-    assert len(table) == 3 * 3 * 5
+    assert len(table) == 3 * 3 * 6  # 5 estimators and the best member at S' x L' samples (on with --ablation)
+    assert len(results["iwelbo_matched_per_member"]) == 3 and "best_member_matched" in results
+    assert math.isclose(table[(3, 6, "best_member_matched")], results["best_member_matched"]["mean"])
+    assert math.isclose(table[(1, 6, "best_member_matched")], results["iwelbo_per_member"][0])  # S' = 1: L samples
+    assert "iwelbo q1@SL" in out and "miselbo - best matched (paired)" in out
     assert math.isclose(table[(3, 6, "miselbo")], miselbo["mean"])  # the full ensemble, all samples
     assert math.isclose(table[(1, 6, "miselbo")], results["iwelbo_per_member"][0])  # S' = 1 is q1's IWELBO
     assert table[(3, 1, "miselbo")] != table[(3, 6, "miselbo")]
@@ -109,6 +114,75 @@ def test_means_weight_every_example_equally(ensemble_dir):
                         rel_tol=1e-9)
     batch_means = torch.stack([part.mean() for part in per_example]).mean().item()
     assert not math.isclose(batch_means, values.mean().item(), rel_tol=1e-9)  # the test can tell them apart
+
+
+def _examples():
+    return EvaluationExamples(load_dataset("mnist5k", ".", False, NUM_EXAMPLES), "mnist5k", 0, 8)
+
+
+def test_matched_baseline_equals_independent_single_member_passes(ensemble_dir):
+    """Each member's IWELBO at S x L samples: its L MISELBO samples, then (S - 1) x L more drawn by
+    single-member ensembles from the same generator; the paired differences by direct computation."""
+    settings = _settings(ensemble_dir, matched_baseline=True, chunk_size=2)
+    results = evaluate(settings)
+    models = load_members(settings.checkpoints).models
+    examples = _examples()
+    matched, miselbo, pooled = [], [], []
+    for start in range(0, NUM_EXAMPLES, BATCH):
+        x = examples.batch(start, min(start + BATCH, NUM_EXAMPLES))
+        generator = torch.Generator().manual_seed(derived_seed(0, start, STREAM_DRAWS))
+        full = Ensemble(models).log_weights(x, 4, generator, chunk_size=2)
+        own = full.log_p - torch.diagonal(full.log_q, dim1=1, dim2=3).transpose(1, 2)  # [B, S, L]
+        extra = []
+        for model in models:
+            alone = Ensemble([model]).log_weights(x, 2 * 4, generator, chunk_size=2)
+            extra.append(alone.log_p[:, 0] - alone.log_q[:, 0, :, 0])  # [B, (S - 1) L]
+        log_w = torch.cat([own, torch.stack(extra, dim=1)], dim=-1)  # [B, S, S L]
+        matched.append(torch.logsumexp(log_w, dim=-1) - math.log(12))
+        miselbo.append(est.miselbo(full.log_p, full.log_q))
+        pooled.append(est.pooled_mis_bound(full.log_p, full.log_q))
+    matched, miselbo, pooled = torch.cat(matched), torch.cat(miselbo), torch.cat(pooled)  # [N, S], [N], [N]
+    assert results["iwelbo_matched_per_member"] == pytest.approx(matched.mean(0).tolist(), rel=1e-6)
+    best = int(matched.mean(0).argmax())
+    assert results["best_member_matched"]["member"] == best + 1
+    assert results["best_member_matched"]["stderr"] == pytest.approx(
+        matched[:, best].std().item() / math.sqrt(NUM_EXAMPLES), rel=1e-5)
+    for name, values in (("miselbo", miselbo), ("pooled", pooled)):
+        entry = results["paired_differences"][f"{name}_minus_best_matched"]
+        difference = values - matched[:, best]
+        assert entry["mean"] == pytest.approx(difference.mean().item(), rel=1e-6, abs=1e-6)
+        assert entry["stderr"] == pytest.approx(difference.std().item() / math.sqrt(NUM_EXAMPLES), rel=1e-5)
+    for value in [*results["iwelbo_matched_per_member"], *results["iwelbo_matched_per_member_stderr"]]:
+        assert math.isfinite(value)
+    assert results["estimators"]["miselbo"]["mean"] == pytest.approx(miselbo.mean().item(), rel=1e-12)
+
+
+def test_paired_summary_against_a_direct_computation():
+    """summarise on made-up per-example values: best member by mean, paired mean and stderr."""
+    plan = ValuePlan(("miselbo", "pooled"), 3, matched_baseline=True)
+    columns = plan.columns()
+    values = torch.randn(50, len(columns), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    values[:, columns.index(("matched", 1))] += 0.5  # member 2 is best
+    summary = summarise(plan, values, 784)
+    best = values[:, columns.index(("matched", 1))]
+    assert summary["best_member_matched"]["member"] == 2
+    for name in ("miselbo", "pooled"):
+        difference = (values[:, columns.index(("bound", name))] - best).numpy()
+        entry = summary["paired_differences"][f"{name}_minus_best_matched"]
+        assert entry["mean"] == pytest.approx(difference.mean(), rel=1e-12)
+        assert entry["stderr"] == pytest.approx(difference.std(ddof=1) / math.sqrt(50), rel=1e-12)
+
+
+def test_s2a_alone_samples_a_subset_and_records_it(ensemble_dir):
+    results = evaluate(_settings(ensemble_dir, estimators=("s2a", "s2s"), subset_size=2))
+    assert set(results["estimators"]) == {"s2a", "s2s"}
+    for entry in results["estimators"].values():
+        assert math.isfinite(entry["mean"]) and entry["stderr"] > 0
+    assert results["subsets"]["scheme"] == "per_example" and results["subsets"]["num_active"] == 2
+    assert results["subsets"]["sampled"] == "active members only"
+    assert "iwelbo_per_member" not in results and "delta" not in results
+    with pytest.raises(UserError, match="need every member sampled"):
+        evaluate(_settings(ensemble_dir, estimators=("s2a",), matched_baseline=True))
 
 
 def test_results_depend_on_the_seed_only(ensemble_dir):
@@ -256,7 +330,7 @@ def test_a_fingerprint_the_weights_do_not_reproduce_is_refused(ensemble_dir, tmp
     (["--batch_size", "-1"], "--batch_size must be"),
     (["--S_list", "4"], "--S_list values must lie in 1..3"),
     (["--L_list", "0", "2"], "--L_list values must lie in 1..4"),
-    (["--subset_size", "5", "--estimators", "s2a"], "--subset_size 5 exceeds"),
+    (["--subset_size", "5", "--estimators", "s2a"], "--num_active 5 exceeds"),
     (["--dataset", "svhn"], "unknown data set"),
     (["--dataset", "celeba_64"], "does not support it"),
     (["--dataset", "cifar10"], "3-channel 32x32 images but the checkpoints' model (mnist) takes 1-channel"),

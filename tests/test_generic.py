@@ -192,3 +192,79 @@ def test_sources_sample_only_from_the_subset_and_feed_some_to_all():
 def test_bad_sources_raise(sources):
     with pytest.raises(ValueError, match=r"sources must be distinct member indices in \[0, S = 3\)"):
         compute_log_weights(make_members(batch=None), log_joint, None, num_samples=2, sources=sources)
+
+
+# ----------------------------------------------------------------------------- the compute-matched baseline
+
+def _f64(value):
+    return torch.as_tensor(value, dtype=torch.float64)
+
+
+class LinearGaussian:
+    """z ~ N(0, I_2), x | z ~ N(z, noise^2 I_2): log p(x) = log N(x; 0, (1 + noise^2) I_2) is known."""
+
+    noise = 0.5
+
+    def log_joint(self, x, z):  # x [B, 2], z [n, B, 2] -> [n, B]
+        prior = torch.distributions.Normal(_f64(0.0), _f64(1.0)).log_prob(z).sum(-1)
+        return prior + torch.distributions.Normal(z, _f64(self.noise)).log_prob(x).sum(-1)
+
+    def log_evidence(self, x):  # [B]
+        return torch.distributions.Normal(_f64(0.0), _f64(math.sqrt(1 + self.noise ** 2))).log_prob(x).sum(-1)
+
+    def posterior(self, x):
+        precision = 1 + 1 / self.noise ** 2
+        return torch.distributions.Normal(x / self.noise ** 2 / precision, _f64(math.sqrt(1 / precision)))
+
+
+class PoolProposal:
+    """An amortized Gaussian q(z | x) = N(posterior mean + shift, scale) handing out a pre-drawn pool."""
+
+    def __init__(self, model, x, shift, scale, total, seed):
+        self.distribution = torch.distributions.Normal(model.posterior(x).mean + shift, _f64(scale))  # [B, 2]
+        self.pool = self.distribution.sample((total,)) if seed is None else \
+            self.distribution.mean + scale * torch.randn(total, *x.shape, generator=torch.Generator().manual_seed(seed),
+                                                         dtype=torch.float64)
+        self.cursor = 0
+
+    def sample(self, x, num_samples):
+        z = self.pool[self.cursor:self.cursor + num_samples]
+        self.cursor += num_samples
+        return z
+
+    def log_prob(self, z, x):
+        return self.distribution.log_prob(z).sum(-1)
+
+
+def test_matched_baseline_is_the_iwelbo_of_the_first_S_L_own_samples():
+    from miselbo import estimators as est
+    from miselbo.generic import compute_own_log_weights
+
+    model = LinearGaussian()
+    x = torch.tensor([[0.3, -1.0], [2.0, 0.5]], dtype=torch.float64)  # B = 2
+    S, L = 3, 5
+    members = [PoolProposal(model, x, 0.4 * s - 0.3, 0.5 + 0.2 * s, S * L, seed=s) for s in range(S)]
+    log_p, log_q = compute_log_weights(members, model.log_joint, x, num_samples=L, chunk_size=2)
+    own = log_p - torch.diagonal(log_q, dim1=-3, dim2=-1).transpose(-1, -2)  # [B, S, L]
+    extra = compute_own_log_weights(members, model.log_joint, x, num_samples=(S - 1) * L, chunk_size=4)
+    matched = est.iwelbo_from_log_weights(torch.cat([own, extra], dim=-1))  # [B, S]
+    for s, member in enumerate(members):  # independently: the first S L draws of the pool, one loop
+        log_w = [model.log_joint(x, z[None])[0] - member.log_prob(z[None], x)[0] for z in member.pool[:S * L]]
+        independent = torch.logsumexp(torch.stack(log_w), dim=0) - math.log(S * L)  # [B]
+        torch.testing.assert_close(matched[:, s], independent, rtol=1e-12, atol=1e-12)
+
+
+def test_matched_baseline_of_the_exact_posterior_is_log_evidence():
+    """Every importance weight of the exact posterior equals p(x), so its IWELBO is log p(x) exactly."""
+    from miselbo import estimators as est
+    from miselbo.generic import compute_own_log_weights
+
+    model = LinearGaussian()
+    x = torch.tensor([[0.3, -1.0], [2.0, 0.5]], dtype=torch.float64)
+    exact = PoolProposal(model, x, 0.0, model.posterior(x).stddev, 40, seed=1)
+    off = PoolProposal(model, x, 0.8, 0.7, 40, seed=2)
+    matched = est.iwelbo_from_log_weights(compute_own_log_weights([exact, off], model.log_joint, x, 40))
+    torch.testing.assert_close(matched[:, 0], model.log_evidence(x), rtol=0, atol=1e-12)
+    assert ((matched[:, 1] - model.log_evidence(x)).abs() > 1e-3).all()  # a wrong proposal is not exact
+    with pytest.raises(ValueError, match="log_w must not contain NaN"):
+        est.iwelbo_from_log_weights(torch.tensor([[0.0, math.nan]]))
