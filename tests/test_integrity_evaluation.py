@@ -62,3 +62,36 @@ def test_cli_maps_the_failure_to_exit_3_without_traceback(monkeypatch, capsys, m
     status = evaluate_module.main(["--checkpoints", str(members[0])])
     err = capsys.readouterr().err
     assert status == 3 and "evaluation stopped: member 1 (x.pt)" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_sigterm_during_evaluation_exits_143_and_keeps_the_previous_outputs(tmp_path):
+    """The shipped demo ensemble at 1,000 importance samples runs for minutes on CPU; SIGTERM one
+    second after the run took its folder lock ends it within 20 s (loaded 2-core machine)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from miselbo.run_lock import LOCK_FILE_NAME
+    from test_train_common import REPO_ROOT, quiet_env
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "results.json").write_text('{"previous": true}\n')
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "miselbo_eval.py"), "--checkpoints",
+                                str(REPO_ROOT / "models" / "mnist5k_demo"), "--num_iw_samples", "1000",
+                                "--save", str(out)], cwd=REPO_ROOT, env=quiet_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / LOCK_FILE_NAME).exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert time.monotonic() - sent < 20.0
+    assert "stopped by SIGTERM" in err and "Traceback" not in err, err
+    assert (out / "results.json").read_text() == '{"previous": true}\n'
+    assert not (out / LOCK_FILE_NAME).exists()
