@@ -186,6 +186,42 @@ def test_model_config_reports_unusable_settings():
             ModelConfig.from_args(default_nvae_args(**overrides))
 
 
+# ----------------------------------------------------------------------------- citations of docs/nvae.md
+
+SOURCE_FOLDERS = ("miselbo", "tests", "benchmarks", "examples")
+# Markers of citations of documents that are not in the repository (split so this file has none).
+OUTSIDE_CITATIONS = ("\u00a7", "reference" + " doc", "design" + ".md", "nvae-" + "reference", "../" + "shared",
+                     "rule" + " W")
+
+
+def _repository_sources() -> list:
+    files = [path for folder in SOURCE_FOLDERS for path in sorted((REPO_ROOT / folder).rglob("*.py"))]
+    return files + sorted(REPO_ROOT.glob("*.py"))
+
+
+def test_code_cites_no_document_outside_the_repository():
+    offenders = [f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}"
+                 for path in _repository_sources()
+                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if any(marker in line for marker in OUTSIDE_CITATIONS)]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_code_citations_of_docs_nvae_name_existing_sections():
+    headings = re.findall(r"^#{2,3} (.+)$", _doc_text(), flags=re.MULTILINE)
+    numbers = {match.group(1) for heading in headings if (match := re.match(r"(\d+(?:\.\d+)?)\.? ", heading))}
+    citation = re.compile(r'docs/nvae\.md,?\s+(?:"([^"]+)"|(\d+(?:\.\d+)?))')
+    checked, dangling = 0, []
+    for path in _repository_sources():
+        for match in citation.finditer(path.read_text(encoding="utf-8")):
+            title, number = match.groups()
+            found = any(title in heading for heading in headings) if title else number in numbers
+            checked += 1
+            if not found:
+                dangling.append(f"{path.relative_to(REPO_ROOT)}: {match.group(0)}")
+    assert checked > 50 and not dangling, dangling
+
+
 # ----------------------------------------------------------------------------- key list (docs/nvae.md 7.2)
 
 
