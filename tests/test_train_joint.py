@@ -266,3 +266,15 @@ def test_meaningless_joint_flags_are_refused(parent, tmp_path, extra, words):
 def test_joint_flags_need_train_new_q(tmp_path):
     with pytest.raises(UserError, match="need --train_new_q"):
         resolve_run_args(run_args(tmp_path, "x", "--num_new_encoders", "2"))
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_joint_run_and_keep_identical_parameters(parent, tmp_path):
+    _root, parent_result = parent
+    result = training.train(_joint_argv(tmp_path, parent_result, "ddp", "--num_new_encoders", "2",
+                                        "--mixture_objective", "s2s", "--num_active", "1",
+                                        "--include_parent_encoder", "--num_process_per_node", "2"))
+    assert len(result.rank_parameter_sha256) == 2  # each over both components
+    assert result.rank_parameter_sha256[0] == result.rank_parameter_sha256[1]
+    for index in (1, 2):  # 64 images, 2 processes x 16 per step: 2 steps per epoch
+        assert load_raw(tmp_path / "eval-ddp" / f"component-{index}" / "checkpoint.pt")["global_step"] == 4

@@ -17,6 +17,7 @@ fingerprint checks, resume and several processes behave as in miselbo.training.r
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -126,7 +127,8 @@ def _parent_member(parent_path: str, trust: bool, decoder_owner: AutoEncoder) ->
 
 def run_joint_training(args: argparse.Namespace, setup: DistributedSetup, device: torch.device,
                        resume_command: str) -> TrainResult:
-    """Like run.run_training for a joint run; returns component 1's result."""
+    """Like run.run_training for a joint run; returns component 1's result, except that its
+    parameter_sha256 covers every component (SHA-256 of the components' hashes in order)."""
     requests = StopRequests(announce=setup.rank == 0)
     with requests.installed():
         session = JointSession.open(args, setup, device, requests, resume_command)
@@ -370,7 +372,9 @@ class JointSession:
                        "components": [json.loads(result.to_json()) for result in results]}
             atomic_write_text(self.save_dir / JOINT_RESULT_FILE_NAME, json.dumps(summary, indent=2) + "\n",
                               record_sha256=False)
-        return replace(results[0], wall_seconds=time.perf_counter() - started)
+        every_component = hashlib.sha256("".join(r.parameter_sha256 for r in results).encode()).hexdigest()
+        return replace(results[0], parameter_sha256=every_component,
+                       wall_seconds=time.perf_counter() - started)
 
     def close(self) -> None:
         self.board.close()
