@@ -79,6 +79,20 @@ def validate_checkpoint_fields(checkpoint: Mapping, file_path: Path, error_type=
                          f"an intact copy.") from None
 
 
+def architecture_problem(args: argparse.Namespace) -> str | None:
+    """For a command line: why the architecture flags of `args` are out of range or describe a
+    model above the parameter limit (one sentence naming the flag), else None."""
+    try:
+        for name in REQUIRED_ARGS + _BACKFILLED:
+            if name in vars(args):
+                _check_value(f"--{name}", vars(args)[name], _flag_check(name))
+        _check_model_size(args)
+    except _FieldError as err:
+        field = "the model" if err.field.startswith("args") else err.field
+        return f"{field} should be {err.expected}, but it is {_describe(err.found)}"
+    return None
+
+
 def _describe(value: object) -> str:
     if isinstance(value, str) and value.startswith("<") and value.endswith(">"):
         return value[1:-1]  # already a description
@@ -214,6 +228,8 @@ def _check_model_size(args: argparse.Namespace) -> None:
     limit = max_model_parameters()
     if parameter_upper_bound(args) <= limit:
         return
+    if any(not isinstance(vars(args).get(name), int) for name in ARCH_RANGES if name in vars(args)):
+        return  # a type error is reported by the field checks
     try:
         count = exact_parameter_count(args)
     except (ValueError, NotImplementedError, KeyError):

@@ -64,6 +64,9 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
                                   f"checkpoint file or the experiment folder that contains it.")
         return inner
     if not candidate.exists():
+        if candidate.is_symlink():
+            raise CheckpointError(f"checkpoint {candidate} is a symlink that leads nowhere (its "
+                                  f"target {os.readlink(candidate)} is missing, or the links loop).")
         raise CheckpointError(f"checkpoint {candidate} does not exist.")
     return candidate
 

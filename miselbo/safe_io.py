@@ -32,6 +32,7 @@ from typing import BinaryIO, Callable
 
 SIDECAR_SUFFIX = ".sha256"
 _HASH_CHUNK_BYTES = 1 << 20
+_MAX_SIDECAR_BYTES = 4096  # a sidecar is one line: 64 hex digits, two spaces, a file name
 
 
 class SafeIOError(Exception):
@@ -176,7 +177,9 @@ def read_sidecar_digest(path: str | os.PathLike) -> str | None:
     """The digest recorded beside `path`, or None when there is no sidecar."""
     sidecar = sidecar_path(path)
     try:
-        text = sidecar.read_text(encoding="utf-8", errors="replace")
+        regular_file(sidecar)  # a pipe or device as sidecar would block or never end
+        with open(sidecar, "rb") as handle:
+            text = handle.read(_MAX_SIDECAR_BYTES).decode("utf-8", errors="replace")
     except FileNotFoundError:
         return None
     fields = text.split()

@@ -252,3 +252,33 @@ def test_damaged_checkpoint_through_the_evaluator_exits_2_without_traceback(tiny
                                env=quiet_env(), capture_output=True, text=True, timeout=300)
     assert completed.returncode == 2, completed.stderr
     assert "Traceback" not in completed.stderr and "NaN/inf" in completed.stderr
+
+
+# ----------------------------------------------------------------------------- found by trying to break it
+
+def test_a_pipe_as_sidecar_is_refused_instead_of_blocking(tiny_checkpoint, tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(tiny_checkpoint.read_bytes())
+    os.mkfifo(sidecar_path(target))
+    with pytest.raises(CheckpointError, match="named pipe"):
+        read_checkpoint(target)
+
+
+def test_a_symlink_loop_is_named_as_such(tmp_path):
+    (tmp_path / "a.pt").symlink_to(tmp_path / "b.pt")
+    (tmp_path / "b.pt").symlink_to(tmp_path / "a.pt")
+    with pytest.raises(CheckpointError, match="symlink that leads nowhere"):
+        read_checkpoint(tmp_path / "a.pt")
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (["--num_channels_enc", "100000"], r"--num_channels_enc should be a whole number in \[1, 4096\]"),
+    (["--num_channels_enc", "4000", "--num_channels_dec", "4000"], "the model should be a model of at most"),
+    (["--num_groups_per_scale", "1000000"], "--num_groups_per_scale should be"),
+])
+def test_absurd_architecture_flags_are_refused_before_building(tmp_path, capsys, flags, phrase):
+    from miselbo import training
+    status = training.main(["--root", str(tmp_path), "--save", "absurd", "--dataset", "mnist5k", *flags])
+    err = capsys.readouterr().err
+    assert status == 2 and re.search(phrase, err) and "Traceback" not in err, err
+    assert not (tmp_path / "eval-absurd").exists()

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from miselbo.checkpoint_fields import architecture_problem
 from miselbo.checkpoints import CheckpointError, fill_defaults, require_same_architecture
 from miselbo.cli import UserError
 from miselbo.data import DataError, SUPPORTED_DATASETS, check_dataset_name, nvae_dataset_name
@@ -212,6 +213,9 @@ def validate_architecture(args: argparse.Namespace) -> None:
         ModelConfig.from_args(args)
     except ValueError as err:
         raise UserError(f"the architecture flags cannot give a working model: {err}.") from None
+    problem = architecture_problem(args)  # ranges, and the model's size before it is built
+    if problem is not None:
+        raise UserError(f"the architecture flags describe an unusable model: {problem}.")
 
 
 # ----------------------------------------------------------------------------- inheritance
