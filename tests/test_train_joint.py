@@ -21,6 +21,7 @@ from miselbo.nvae.model import AutoEncoder
 from miselbo.nvae.objectives import kl_balance_alpha, kl_balancer
 from miselbo.safe_io import atomic_torch_save
 from miselbo.training import joint as joint_module
+from miselbo.training import joint_step as joint_step_module
 from miselbo.training.joint_checkpoints import (PENDING_FOLDER, recover_pending,
                                                 save_component_set)
 from miselbo.training.joint_objective import JointSpec, draw_active, joint_loss
@@ -278,3 +279,25 @@ def test_two_processes_train_a_joint_run_and_keep_identical_parameters(parent, t
     assert result.rank_parameter_sha256[0] == result.rank_parameter_sha256[1]
     for index in (1, 2):  # 64 images, 2 processes x 16 per step: 2 steps per epoch
         assert load_raw(tmp_path / "eval-ddp" / f"component-{index}" / "checkpoint.pt")["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_a_non_finite_joint_loss_stops_before_updating_and_keeps_the_last_set(parent, tmp_path, monkeypatch):
+    _root, parent_result = parent
+    original = joint_step_module.joint_loss
+    calls = []
+
+    def nan_at_the_sixth_step(*args, **kwargs):
+        terms = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 6:
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(joint_step_module, "joint_loss", nan_at_the_sixth_step)
+    with pytest.raises(TrainingStopped) as stopped:
+        training.train(_joint_argv(tmp_path, parent_result, "nan", "--num_new_encoders", "2",
+                                   "--mixture_objective", "miselbo"))
+    assert stopped.value.exit_code == 3 and "global step 4" in stopped.value.message
+    for index in (1, 2):  # the set written after epoch 1 is kept
+        assert load_raw(tmp_path / "eval-nan" / f"component-{index}" / "checkpoint.pt")["global_step"] == 4
