@@ -3,7 +3,7 @@
     python miselbo_eval.py --checkpoints run1 run1_q2 run1_q3 --num_iw_samples 1000 --save results/ens
 
 With no checkpoint arguments it evaluates the demo ensemble in `models/` (a folder with a
-manifest.json). The flags of the public MISELBO script keep working (reference doc §10.4):
+manifest.json). The flags of the public MISELBO script keep working:
 
   --q0 ... --q5           checkpoints, as in the public script (default None); they come first, in
                           order, followed by --checkpoints. Any S >= 1 is allowed.
@@ -19,12 +19,27 @@ manifest.json). The flags of the public MISELBO script keep working (reference d
   --eval_on_train         evaluate the training split instead of the test split.
   --time_eval             report seconds per batch and per example (wall time is always reported).
   --only_miselbo          report MISELBO only (same cost: the log-weights are computed once).
-  --only_iwelbo           report the members' IWELBOs only (same cost here, see design.md).
+  --only_iwelbo           report the members' IWELBOs only (same cost: one pass scores all members).
   --seed N                seeds the data binarisation and every draw (used here; the public
                           script ignored it).
   --world_size N          split the examples over N local processes (torch.distributed; gloo on
                           CPU, NCCL on CUDA); under torchrun the environment decides instead.
   --local_rank, --master_address   torch.distributed.launch compatibility / rendezvous address.
+
+Our own flags add, among others:
+
+  --matched_baseline      each member's IWELBO with S x L of its own samples (the L MISELBO used plus
+                          (S - 1) x L more: about S times MISELBO's decoder passes), the best member
+                          (chosen on the evaluation set) and the paired differences miselbo - best,
+                          pooled - best. On by default with --ablation; --no-matched_baseline turns it off.
+  --estimators s2a s2s --num_active A
+                          S2A / S2S (Hotti et al. 2024): every example draws A of the S members
+                          uniformly without replacement (its own subset, seeded by --seed and the
+                          example's batch), and when only s2a / s2s are requested only those A members
+                          are sampled (A x L decoder passes per example instead of S x L). Subsets are
+                          per example, so the examples stay independent and the standard error over
+                          examples includes the subset randomness. With other estimators, all members
+                          are sampled and s2a / s2s are computed from the same samples.
 
 Determinism: MNIST images are binarised with a generator seeded from (seed, example index), and the
 draws of each batch with one seeded from (seed, index of the batch's first example). Shards are
@@ -84,7 +99,8 @@ class EvalSettings:
     batch_size: int | None = None  # None: the checkpoint's, at most 16 on CPU
     chunk_size: int | None = None  # samples per example in one decoder pass; None: by device
     estimators: tuple = report.DEFAULT_ESTIMATORS
-    subset_size: int | None = None  # for s2a / s2s; None: max(1, S // 2)
+    subset_size: int | None = None  # --num_active A for s2a / s2s; None: max(1, S // 2)
+    matched_baseline: bool | None = None  # None: on with --ablation (when all members are sampled)
     seed: int = 0
     device: str = "auto"
     save: str | None = None  # None: write no files
@@ -136,7 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--estimators", nargs="+", choices=report.ESTIMATOR_NAMES, default=None,
                         help=f"estimators to report (default: {' '.join(report.DEFAULT_ESTIMATORS)})")
-    parser.add_argument("--subset_size", type=int, default=None, help="members drawn for s2a / s2s")
+    parser.add_argument("--num_active", "--subset_size", dest="subset_size", type=int, default=None,
+                        help="A: members each example samples from for s2a / s2s (default S // 2); with "
+                             "only s2a / s2s requested, A x L decoder passes per example instead of S x L")
+    parser.add_argument("--matched_baseline", action=argparse.BooleanOptionalAction, default=None,
+                        help="each member's IWELBO at S x L samples, the best member and paired "
+                             "differences; costs about S times MISELBO's decoder passes "
+                             "(default: on with --ablation)")
     parser.add_argument("--S_list", nargs="+", type=int, default=None, help="ensemble sizes for --ablation")
     parser.add_argument("--L_list", nargs="+", type=int, default=None, help="sample counts for --ablation")
     parser.add_argument("--chunk_size", type=int, default=None,
@@ -176,7 +198,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         checkpoints=[str(path) for path in paths], num_iw_samples=num_iw_samples, dataset=args.dataset,
         data=args.data, eval_on_train=args.eval_on_train, num_examples=args.num_examples,
         batch_size=args.batch_size, chunk_size=args.chunk_size, estimators=tuple(dict.fromkeys(estimators)),
-        subset_size=args.subset_size, seed=args.seed, device=args.device, save=args.save,
+        subset_size=args.subset_size, matched_baseline=args.matched_baseline, seed=args.seed,
+        device=args.device, save=args.save,
         ablation=args.ablation, ablation_file_name=base_name,
         S_list=tuple(args.S_list) if args.S_list else None, L_list=tuple(args.L_list) if args.L_list else None,
         time_eval=args.time_eval, world_size=args.world_size, local_rank=args.local_rank,
@@ -224,7 +247,12 @@ def _validated(settings: EvalSettings) -> EvalSettings:
         raise UserError(f"--estimators: unknown or none {unknown}; choose from {', '.join(report.ESTIMATOR_NAMES)}.")
     subset_size = settings.subset_size or max(1, num_members // 2)
     if subset_size > num_members:
-        raise UserError(f"--subset_size {subset_size} exceeds the number of members S = {num_members}.")
+        raise UserError(f"--num_active {subset_size} exceeds the number of members S = {num_members}.")
+    active_only = all(name in report.SUBSET_ESTIMATORS for name in settings.estimators)
+    matched = settings.ablation if settings.matched_baseline is None else settings.matched_baseline
+    if active_only and (matched or settings.ablation):
+        raise UserError("--matched_baseline and --ablation need every member sampled; add an estimator "
+                        "such as miselbo to --estimators, or drop those flags for s2a / s2s alone.")
     sizes = settings.S_list or tuple(range(1, num_members + 1))
     samples = settings.L_list or tuple(sorted({l for l in DEFAULT_L_GRID if l <= num_samples} | {num_samples}))
     for flag, values, top in (("--S_list", sizes, num_members), ("--L_list", samples, num_samples)):
@@ -233,7 +261,7 @@ def _validated(settings: EvalSettings) -> EvalSettings:
             raise UserError(f"{flag} values must lie in 1..{top}, got {bad}.")
     if settings.dataset is not None:
         check_dataset_name(settings.dataset)
-    return replace(settings, subset_size=subset_size, S_list=tuple(sorted(set(sizes))),
+    return replace(settings, subset_size=subset_size, matched_baseline=bool(matched), S_list=tuple(sorted(set(sizes))),
                    L_list=tuple(sorted(set(samples))))
 
 
@@ -271,7 +299,8 @@ def _shard_batches(num_examples: int, batch_size: int, rank: int, world_size: in
 def _evaluate_shard(ensemble: Ensemble, examples: EvaluationExamples, plan: report.ValuePlan,
                     settings: EvalSettings, batches, device: torch.device, show: bool | None) -> ShardValues:
     shard = ShardValues()
-    miselbo_column = plan.columns().index(("bound", "miselbo"))
+    shown_column = 0  # miselbo, or s2a / s2s when only those are computed
+    shown_name = plan.columns()[shown_column][1]
     running_sum, running_count = 0.0, 0
     bar = progress(total=len(batches), desc="MISELBO", unit="batch",
                    **({} if show is None else {"disable": not show}))
@@ -280,17 +309,38 @@ def _evaluate_shard(ensemble: Ensemble, examples: EvaluationExamples, plan: repo
             began = time.perf_counter()
             x = examples.batch(start, stop).to(device)
             draws = torch.Generator(device=device).manual_seed(derived_seed(settings.seed, start, STREAM_DRAWS))
-            weights = ensemble.log_weights(x, settings.num_iw_samples, draws, settings.chunk_size)
-            subsets = torch.Generator().manual_seed(derived_seed(settings.seed, start, STREAM_SUBSETS))
-            rows = plan.per_example(weights.log_p, weights.log_q, subsets)
+            weights = _batch_weights(ensemble, x, plan, settings, start, draws)
+            rows = plan.per_example(weights)
             shard.indices.append(torch.arange(start, stop))
             shard.rows.append(rows)
             shard.max_flow_residual = max(shard.max_flow_residual, weights.max_flow_residual)
             shard.batch_seconds.append(time.perf_counter() - began)
-            running_sum, running_count = running_sum + float(rows[:, miselbo_column].sum()), running_count + len(rows)
-            bar.set_postfix(miselbo=f"{running_sum / running_count:.3f}")
+            running_sum, running_count = running_sum + float(rows[:, shown_column].sum()), running_count + len(rows)
+            bar.set_postfix({shown_name: f"{running_sum / running_count:.3f}"})
             bar.update()
     return shard
+
+
+def _active_subsets(batch: int, num_members: int, num_active: int, seed: int, start: int) -> torch.Tensor:
+    """[B, S] bool: each example's A members, uniform without replacement, one randperm per example
+    from a generator seeded by (seed, first example of the batch)."""
+    generator = torch.Generator().manual_seed(derived_seed(seed, start, STREAM_SUBSETS))
+    active = torch.zeros(batch, num_members, dtype=torch.bool)
+    for row in range(batch):
+        active[row, torch.randperm(num_members, generator=generator)[:num_active]] = True
+    return active
+
+
+def _batch_weights(ensemble: Ensemble, x: torch.Tensor, plan: report.ValuePlan, settings: EvalSettings,
+                   start: int, draws: torch.Generator):
+    """The batch's ReducedLogWeights with what the plan needs (subsets, prefix mixtures, extra draws)."""
+    active = None
+    if plan.subset_estimators:
+        active = _active_subsets(x.shape[0], ensemble.num_members, settings.subset_size, settings.seed, start)
+    extra = (ensemble.num_members - 1) * settings.num_iw_samples if plan.matched_baseline else 0
+    return ensemble.reduced_weights(x, settings.num_iw_samples, draws, settings.chunk_size, active=active,
+                                    prefix_sizes=plan.ablation_sizes, extra_own_samples=extra,
+                                    sample_only_active=plan.active_only)
 
 
 def _gather(shard: ShardValues, num_columns: int, device: torch.device):
@@ -322,7 +372,7 @@ def _evaluate_here(settings: EvalSettings, device: torch.device, images) -> dict
     batch_size = settings.batch_size or _default_batch_size(members.args, device)
     plan = report.ValuePlan(settings.estimators, ensemble.num_members, settings.subset_size,
                             settings.S_list if settings.ablation else (),
-                            settings.L_list if settings.ablation else ())
+                            settings.L_list if settings.ablation else (), settings.matched_baseline)
     batches = _shard_batches(len(examples), batch_size, distributed.rank(), distributed.world_size())
     show = settings.show_progress if main_process else False
     shard = _evaluate_shard(ensemble, examples, plan, settings, batches, device, show)
@@ -360,8 +410,11 @@ def _assemble(settings, members: LoadedMembers, examples, plan, rows, residual, 
         "decoder_problems": members.decoder_problems,
     }
     results.update(report.summarise(plan, rows, results["num_output_dims"]))
-    if "s2a" in settings.estimators or "s2s" in settings.estimators:
+    if plan.subset_estimators:
         results["subset_size"] = settings.subset_size
+        results["subsets"] = {"scheme": "per_example", "num_active": settings.subset_size, "seed": settings.seed,
+                              "sampled": "active members only" if plan.active_only else "all members",
+                              "generator": "torch.randperm per example, seeded by (seed, batch's first index)"}
     if members.models[0].with_nf:
         results["flow_inversion_max_residual"] = residual
     return results
