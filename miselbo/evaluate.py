@@ -84,6 +84,9 @@ NUM_PUBLIC_MEMBER_FLAGS = 6
 DEFAULT_NUM_IW_SAMPLES = 1000  # the public script's default
 DEFAULT_L_GRID = (1, 2, 3, 5, 10, 50, 100, 500, 1000)
 CPU_BATCH_SIZE_CAP = 16
+# Largest accepted max |f_j(z_pre) - z*| when inverting a member's flows at another member's sample.
+# Float32 fixed-point inversion lands at ~1e-6 on the tested models (tests/test_ensemble.py: < 1e-4).
+DEFAULT_MAX_FLOW_RESIDUAL = 1e-3
 NUM_PRIOR_SAMPLES, NUM_RECONSTRUCTED = 8, 4
 
 
@@ -101,6 +104,7 @@ class EvalSettings:
     estimators: tuple = report.DEFAULT_ESTIMATORS
     subset_size: int | None = None  # --num_active A for s2a / s2s; None: max(1, S // 2)
     matched_baseline: bool | None = None  # None: on with --ablation (when all members are sampled)
+    max_flow_residual: float = DEFAULT_MAX_FLOW_RESIDUAL  # above it: exit 3 naming member and group
     seed: int = 0
     device: str = "auto"
     save: str | None = None  # None: write no files
@@ -159,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="each member's IWELBO at S x L samples, the best member and paired "
                              "differences; costs about S times MISELBO's decoder passes "
                              "(default: on with --ablation)")
+    parser.add_argument("--max_flow_residual", type=float, default=DEFAULT_MAX_FLOW_RESIDUAL,
+                        help="largest accepted flow-inversion residual (models with flows; default "
+                             f"{DEFAULT_MAX_FLOW_RESIDUAL:g}); above it the evaluation stops with exit 3")
     parser.add_argument("--S_list", nargs="+", type=int, default=None, help="ensemble sizes for --ablation")
     parser.add_argument("--L_list", nargs="+", type=int, default=None, help="sample counts for --ablation")
     parser.add_argument("--chunk_size", type=int, default=None,
@@ -198,7 +205,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         checkpoints=[str(path) for path in paths], num_iw_samples=num_iw_samples, dataset=args.dataset,
         data=args.data, eval_on_train=args.eval_on_train, num_examples=args.num_examples,
         batch_size=args.batch_size, chunk_size=args.chunk_size, estimators=tuple(dict.fromkeys(estimators)),
-        subset_size=args.subset_size, matched_baseline=args.matched_baseline, seed=args.seed,
+        subset_size=args.subset_size, matched_baseline=args.matched_baseline,
+        max_flow_residual=args.max_flow_residual, seed=args.seed,
         device=args.device, save=args.save,
         ablation=args.ablation, ablation_file_name=base_name,
         S_list=tuple(args.S_list) if args.S_list else None, L_list=tuple(args.L_list) if args.L_list else None,
@@ -242,6 +250,8 @@ def _validated(settings: EvalSettings) -> EvalSettings:
         if value is not None:
             require_positive(flag, value)
     require_positive("--world_size", settings.world_size)
+    if not settings.max_flow_residual >= 0 or settings.max_flow_residual == float("inf"):
+        raise UserError(f"--max_flow_residual must be a finite number >= 0, got {settings.max_flow_residual}.")
     unknown = [name for name in settings.estimators if name not in report.ESTIMATOR_NAMES]
     if unknown or not settings.estimators:
         raise UserError(f"--estimators: unknown or none {unknown}; choose from {', '.join(report.ESTIMATOR_NAMES)}.")
@@ -296,8 +306,26 @@ def _shard_batches(num_examples: int, batch_size: int, rank: int, world_size: in
     return [(start, min(start + batch_size, num_examples)) for start in starts]
 
 
+class FlowInversionError(NonFiniteEvaluation):
+    """A member's flows could not be inverted to --max_flow_residual at another member's sample
+    (exit 3, like non-finite values: the numbers would not be trustworthy)."""
+
+
+def _check_flow_residual(weights, limit: float, paths: Sequence, start: int) -> None:
+    """Raise FlowInversionError when the batch's largest inversion residual exceeds the limit."""
+    if weights.flow_residual_at is None or weights.max_flow_residual <= limit:
+        return
+    member, group = weights.flow_residual_at
+    raise FlowInversionError(
+        f"inverting the flows of member {member + 1} ({paths[member]}) at latent group {group} "
+        f"(0 = top) left a residual of {weights.max_flow_residual:.3g}, above --max_flow_residual "
+        f"{limit:g} (batch starting at example {start}): that member's density of the other members' "
+        f"samples cannot be trusted. Raise --max_flow_residual to accept it. No results were written.")
+
+
 def _evaluate_shard(ensemble: Ensemble, examples: EvaluationExamples, plan: report.ValuePlan,
-                    settings: EvalSettings, batches, device: torch.device, show: bool | None) -> ShardValues:
+                    settings: EvalSettings, batches, device: torch.device, show: bool | None,
+                    paths: Sequence = ()) -> ShardValues:
     shard = ShardValues()
     shown_column = 0  # miselbo, or s2a / s2s when only those are computed
     shown_name = plan.columns()[shown_column][1]
@@ -310,6 +338,7 @@ def _evaluate_shard(ensemble: Ensemble, examples: EvaluationExamples, plan: repo
             x = examples.batch(start, stop).to(device)
             draws = torch.Generator(device=device).manual_seed(derived_seed(settings.seed, start, STREAM_DRAWS))
             weights = _batch_weights(ensemble, x, plan, settings, start, draws)
+            _check_flow_residual(weights, settings.max_flow_residual, paths, start)
             rows = plan.per_example(weights)
             shard.indices.append(torch.arange(start, stop))
             shard.rows.append(rows)
@@ -375,7 +404,7 @@ def _evaluate_here(settings: EvalSettings, device: torch.device, images) -> dict
                             settings.L_list if settings.ablation else (), settings.matched_baseline)
     batches = _shard_batches(len(examples), batch_size, distributed.rank(), distributed.world_size())
     show = settings.show_progress if main_process else False
-    shard = _evaluate_shard(ensemble, examples, plan, settings, batches, device, show)
+    shard = _evaluate_shard(ensemble, examples, plan, settings, batches, device, show, members.paths)
     indices, rows, residual, seconds = _gather(shard, len(plan.columns()), device)
     if not main_process:
         return None

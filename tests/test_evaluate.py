@@ -19,7 +19,8 @@ from miselbo.data import DataError
 from miselbo.ensemble import Ensemble
 from miselbo.ensemble_loading import discover_demo_ensemble, load_members
 from miselbo.eval_data import STREAM_DRAWS, EvaluationExamples, derived_seed
-from miselbo.evaluate import EvalSettings, _shard_batches, build_parser, evaluate, main, settings_from_args
+from miselbo.evaluate import (EvalSettings, FlowInversionError, _shard_batches, build_parser, evaluate, main,
+                              settings_from_args)
 from miselbo.data import load_dataset
 from miselbo.results import ValuePlan, summarise
 
@@ -229,6 +230,26 @@ def test_flows_report_the_inversion_residual(tmp_path):
     results = evaluate(EvalSettings(checkpoints=paths, num_iw_samples=2, show_progress=False), images=images)
     assert results["num_examples"] == 3 and results["dataset"] == "mnist"
     assert 0 <= results["flow_inversion_max_residual"] < 1e-4
+
+
+def test_a_flow_residual_above_the_limit_stops_with_exit_3_naming_member_and_group(tmp_path, capsys):
+    args, models = make_members(2, seed=30, num_nf=1)
+    paths = [str(path) for path in save_members(tmp_path / "ens", args, models)]
+    images = (torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    accepted = evaluate(EvalSettings(checkpoints=paths, num_iw_samples=2, show_progress=False), images=images)
+    residual = accepted["flow_inversion_max_residual"]
+    assert 0 < residual < 1e-3  # the default limit accepts these flows
+    with pytest.raises(FlowInversionError, match=r"member [12] \(.*\) at latent group \d") as caught:
+        evaluate(EvalSettings(checkpoints=paths, num_iw_samples=2, show_progress=False,
+                              max_flow_residual=residual / 10), images=images)
+    assert caught.value.exit_code == 3
+    status, _, err = _cli(["--checkpoints", *paths, "--dataset", "mnist5k", "--num_examples", "2",
+                           "--num_iw_samples", "2", "--max_flow_residual", "0", "--save", str(tmp_path / "o")], capsys)
+    assert status == 3 and "Traceback" not in err
+    assert "above --max_flow_residual 0" in err and "at latent group" in err
+    assert not (tmp_path / "o" / "results.json").exists()
+    status, _, err = _cli(["--checkpoints", *paths, "--max_flow_residual", "-1", "--save", str(tmp_path / "o")], capsys)
+    assert status == 2 and "--max_flow_residual must be a finite number >= 0" in err
 
 
 # ----------------------------------------------------------------------------- flags and discovery
