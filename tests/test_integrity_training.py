@@ -176,3 +176,22 @@ def test_sigterm_during_the_final_test_is_answered_within_seconds(tmp_path):
     assert "during the final test" in err and "Traceback" not in err, err
     checkpoint = read_checkpoint(tmp_path / "eval-final")
     assert checkpoint["epoch"] == 1
+
+
+def test_resume_point_beyond_this_runs_epoch_is_refused_not_a_traceback(tmp_path, capsys):
+    """Found by trying to break it: a mid-epoch checkpoint resumed with a larger --batch_size
+    (fewer steps per epoch) made the loader skip past its end (StopIteration traceback)."""
+    from miselbo.checkpoints import read_checkpoint
+    from miselbo.safe_io import atomic_torch_save
+    argv = run_args(tmp_path, "resume", "--epochs", "2")
+    assert training.main(argv) == 0
+    path = tmp_path / "eval-resume" / "checkpoint.pt"
+    checkpoint = read_checkpoint(path)
+    checkpoint["epoch"], checkpoint["global_step"] = 1, 4 + 3
+    checkpoint["miselbo"]["resume"]["step_in_epoch"] = 3  # a SIGTERM after step 3 of epoch 2
+    atomic_torch_save(checkpoint, path)
+    capsys.readouterr()
+    status = training.main(argv + ["--cont_training", "--batch_size", "32"])  # 2 steps per epoch
+    err = capsys.readouterr().err
+    assert status == 2 and "written at step 3 of epoch 2" in err and "only 2 step(s)" in err, err
+    assert "Traceback" not in err

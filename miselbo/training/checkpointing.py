@@ -71,6 +71,16 @@ class Progress:
                 "epoch_loss_count": self.epoch_loss_count}
 
 
+def require_resumable(progress: Progress, iterations_per_epoch: int, source: Path) -> None:
+    """Refuse a mid-epoch checkpoint whose step inside the epoch this run's epochs do not have
+    (e.g. --batch_size or --num_train_examples changed since it was written)."""
+    if progress.step_in_epoch >= iterations_per_epoch:
+        raise CheckpointError(
+            f"{source} was written at step {progress.step_in_epoch} of epoch {progress.epoch + 1}, "
+            f"but this run's epochs have only {iterations_per_epoch} step(s), so it cannot resume "
+            f"there. Resume with the --batch_size and --num_train_examples of the run that wrote it.")
+
+
 def miselbo_entry(fingerprint: str, lineage: Lineage, progress: Progress,
                   extra: dict | None = None) -> dict:
     """The entry above; `extra` adds keys (a joint run's component, num_components, objective)."""

@@ -31,8 +31,8 @@ from miselbo.nvae.objectives import kl_balance_alpha
 from miselbo.nvae.optim import build_optimizer, build_scheduler, step_scheduler_for_epoch
 from miselbo.safe_io import atomic_write_text
 from miselbo.training.checkpointing import (ROLE_P_AND_Q, ROLE_Q, Lineage, Progress,
-                                            require_parent_decoder, restore_training_state,
-                                            save_training_checkpoint)
+                                            require_parent_decoder, require_resumable,
+                                            restore_training_state, save_training_checkpoint)
 from miselbo.stage_clock import StageClock
 from miselbo.training.epoch_test import (Draw, UnreplayableDraws, advance_like_full_test,
                                          record_draws)
@@ -237,6 +237,7 @@ class TrainingSession:
             restore_training_state(checkpoint, optimizer, scheduler, scaler, Path(args.save))
             _follow_schedule_flags(scheduler, settings)
             progress = Progress.from_checkpoint(checkpoint)
+            require_resumable(progress, len(loaders.train), Path(args.save) / "checkpoint.pt")
             last_checkpoint = SavedPoint(Path(args.save) / "checkpoint.pt", progress.epoch,
                                          progress.global_step)
             torch.manual_seed(derived_seed(settings.seed, progress.global_step, setup.rank, "train"))
