@@ -18,7 +18,9 @@ resumes with `--cont_training`; a re-run whose settings differ from a stage in `
 miselbo/presets.py; flags this module does not know are handed to every training stage unchanged
 (NVAE's flags: architecture, epochs, learning rate, ...), and override the preset. `--export DIR`
 writes the S checkpoints, without optimizer state, into a `models/`-style folder with a manifest
-written from what the checkpoints record.
+written from what the checkpoints record. At the end it prints the wall time of every stage (for
+training stages also steps, data loading, per-epoch tests, checkpoints and the final test) and
+writes it to `<out>/stage_times.json` (tests/test_main_job.py).
 """
 from __future__ import annotations
 
