@@ -31,8 +31,8 @@ _FLAGS = {flag.name: flag for flag in NVAE_TRAIN_FLAGS}
 _BACKFILLED = ("ada_groups", "min_groups_per_scale", "num_mixture_dec")
 REQUIRED_ARGS = tuple(flag.name for flag in NVAE_TRAIN_FLAGS
                       if flag.category in ("A", "C") and flag.name not in _BACKFILLED)
-# Inclusive ranges of the integer architecture flags: far beyond any published NVAE model, but
-# small enough that even the meta-device build stays quick.
+# Inclusive ranges of integer flags: far beyond any published NVAE model, but small enough that
+# even the meta-device build stays quick.
 ARCH_RANGES = {
     "num_nf": (0, 16), "num_x_bits": (1, 16), "num_latent_scales": (1, 6),
     "num_groups_per_scale": (1, 128), "num_latent_per_group": (1, 1024),
@@ -40,6 +40,7 @@ ARCH_RANGES = {
     "num_preprocess_blocks": (1, 6), "num_preprocess_cells": (1, 64),
     "num_cell_per_cond_enc": (1, 64), "num_postprocess_blocks": (1, 6),
     "num_postprocess_cells": (1, 64), "num_cell_per_cond_dec": (1, 64), "num_mixture_dec": (1, 100),
+    "batch_size": (1, 10 ** 6),  # evaluation reuses it for its batches
 }
 
 
@@ -134,7 +135,9 @@ def _flag_check(name: str) -> _Check:
         return _Check((int,), "a whole number", low, high)
     if flag.type is float:
         return _Check((int, float), "a number")
-    return _Check((str,), "a string")
+    if flag.category in ("A", "C"):
+        return _Check((str,), "a string")
+    return _Check((str, type(None)), "a string or None")  # paths and addresses may be unset
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -142,11 +145,9 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in REQUIRED_ARGS:
         if name not in values:
             raise _FieldError(f"args.{name}", "present (the model is built from it)", "<missing>")
-    for name in REQUIRED_ARGS + _BACKFILLED:
+    for name in _FLAGS:  # every NVAE flag the file holds
         if name in values:
             _check_value(f"args.{name}", values[name], _flag_check(name))
-    if "seed" in values:
-        _check_value("args.seed", values["seed"], _Check((int,), "a whole number"))
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")

@@ -282,3 +282,16 @@ def test_absurd_architecture_flags_are_refused_before_building(tmp_path, capsys,
     err = capsys.readouterr().err
     assert status == 2 and re.search(phrase, err) and "Traceback" not in err, err
     assert not (tmp_path / "eval-absurd").exists()
+
+
+@pytest.mark.parametrize("name, value, phrase", [
+    ("learning_rate", "fast", "args.learning_rate should be a number"),
+    ("batch_size", -5, r"args.batch_size should be a whole number in \[1, 1000000\]"),
+    ("save", 3, "args.save should be a string or None"),
+])
+def test_training_flags_in_args_are_checked_too(tiny_checkpoint, tmp_path, name, value, phrase):
+    """Found by trying to break it: these loaded silently; a negative batch_size then reached the
+    evaluator's batching."""
+    path = _damaged(tiny_checkpoint, tmp_path, _set_arg(name, value))
+    with pytest.raises(CheckpointError, match=phrase):
+        read_checkpoint(path)
