@@ -9,6 +9,9 @@ Stages (one progress bar over them, each stage shows its own):
   1. `train.py --save p_and_q1 --seed <seed_1>`                         decoder + first encoder
   2. `train.py --train_new_q --p_and_q1_path <stage 1> --save q<s> --seed <seed_s>`, s = 2..S
   3. `miselbo_eval.py --checkpoints <all S> --ablation --save <out>/results`
+With `--joint OBJECTIVE` stage 2 is ONE run, `train.py --train_new_q ... --save joint
+--num_new_encoders S-1 --mixture_objective OBJECTIVE` (seeds seed_2, seed_2 + 1, ...), whose
+components <out>/eval-joint/component-k are members 2..S.
 
 Everything lands in `--out` (`eval-p_and_q1/`, `eval-q2/`, ..., `results/`, and
 `pipeline_stages.json`, the settings each training stage was run with). Re-running the same
@@ -45,6 +48,7 @@ PROG = "python -m miselbo.pipeline"
 STAGE_TIMES_FILE_NAME = "stage_times.json"  # seconds per stage and training part
 MANIFEST_FILE_NAME = "manifest.json"
 RETRAIN_FLAG = "--retrain_changed"
+JOINT_STAGE = "joint"
 
 
 @dataclass(frozen=True)
@@ -64,14 +68,31 @@ class PipelineSettings:
     data: str | None = None
     dry_run: bool = False
     retrain_changed: bool = False
+    joint: str | None = None  # --joint OBJECTIVE: q2..qS in one run (train.py --num_new_encoders)
+    joint_num_active: int | None = None
+
+    def member_names(self) -> list[str]:
+        return ["p_and_q1"] + [f"q{member}" for member in range(2, self.num_encoders + 1)]
+
+    def member_checkpoints(self) -> list[Path]:
+        """The S checkpoint files of the ensemble (with --joint: the joint run's components)."""
+        if self.joint is None or self.num_encoders < 2:
+            return [self.checkpoint(stage) for stage in self.stage_names()]
+        joint_folder = self.out / f"eval-{JOINT_STAGE}"
+        return [self.checkpoint("p_and_q1")] + [joint_folder / f"component-{index}" / CHECKPOINT_FILE_NAME
+                                                for index in range(1, self.num_encoders)]
 
     def data_flags(self) -> list[str]:
         return [] if self.data is None else ["--data", self.data]
 
     def stage_names(self) -> list[str]:
-        return ["p_and_q1"] + [f"q{member}" for member in range(2, self.num_encoders + 1)]
+        if self.joint is not None and self.num_encoders > 1:
+            return ["p_and_q1", JOINT_STAGE]
+        return self.member_names()
 
     def checkpoint(self, stage: str) -> Path:
+        if stage == JOINT_STAGE:  # component 1's file stands for the joint run (its args, epochs)
+            return self.out / f"eval-{stage}" / "component-1" / CHECKPOINT_FILE_NAME
         return self.out / f"eval-{stage}" / CHECKPOINT_FILE_NAME
 
 
@@ -102,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--export", default=None,
                         help="copy the S checkpoints here (models/ layout with manifest.json)")
+    parser.add_argument("--joint", default=None, choices=("independent", "miselbo", "s2a", "s2s"),
+                        help="train q2..qS in one joint run with this --mixture_objective "
+                             "(train.py --num_new_encoders S-1; seeds must then be consecutive)")
+    parser.add_argument("--joint_num_active", type=int, default=None,
+                        help="--num_active of the joint run (with --joint s2a or s2s)")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the train.py and miselbo_eval.py commands this would run, run nothing")
     parser.add_argument(RETRAIN_FLAG, action="store_true",
@@ -125,7 +151,12 @@ def parse_settings(argv: Sequence[str]) -> PipelineSettings:
     for flag in ("--save", "--root", "--seed", "--train_new_q", "--p_and_q1_path", "--cont_training"):
         if flag in train_flags:
             raise UserError(f"{flag} is set by the pipeline for each stage; use --out and --seeds.")
+    if args.joint is not None and len(seeds) > 1 and \
+            list(seeds[1:]) != list(range(seeds[1], seeds[1] + len(seeds) - 1)):
+        raise UserError(f"--joint trains q2..qS with seeds s, s + 1, ...: --seeds after the first must be "
+                        f"consecutive, got {list(seeds)}.")
     return PipelineSettings(
+        joint=args.joint, joint_num_active=args.joint_num_active,
         out=Path(args.out or f"runs/{dataset}_{preset.name}"), dataset=dataset, num_encoders=args.num_encoders,
         seeds=seeds, preset=args.preset, train_flags=tuple(train_flags), num_iw_samples=num_iw_samples,
         num_eval_examples=args.num_eval_examples, eval_batch_size=args.eval_batch_size,
@@ -150,6 +181,10 @@ def training_argv(settings: PipelineSettings, stage: str, seed: int) -> list[str
     argv += get_preset(settings.preset).flags() + list(settings.train_flags)
     if stage != "p_and_q1":
         argv += ["--train_new_q", "--p_and_q1_path", str(settings.checkpoint("p_and_q1").parent)]
+    if stage == JOINT_STAGE:
+        argv += ["--num_new_encoders", str(settings.num_encoders - 1), "--mixture_objective", settings.joint]
+        if settings.joint_num_active is not None:
+            argv += ["--num_active", str(settings.joint_num_active)]
     return argv
 
 
@@ -213,7 +248,7 @@ def check_stage_settings(settings: PipelineSettings) -> None:
 
 
 def evaluation_argv(settings: PipelineSettings) -> list[str]:
-    argv = ["--checkpoints", *[str(settings.checkpoint(stage)) for stage in settings.stage_names()],
+    argv = ["--checkpoints", *[str(path) for path in settings.member_checkpoints()],
             "--num_iw_samples", str(settings.num_iw_samples), "--batch_size", str(settings.eval_batch_size),
             "--save", str(settings.out / "results"), "--device", settings.device, "--ablation",
             "--dataset", settings.dataset, *settings.data_flags()]
@@ -230,6 +265,8 @@ def dry_run_text(settings: PipelineSettings) -> str:
              f"output in {settings.out}; nothing was run or written. The commands a run would start:"]
     for stage, seed in zip(settings.stage_names(), settings.seeds):
         role = "decoder + first encoder" if stage == "p_and_q1" else "another encoder, frozen decoder"
+        if stage == JOINT_STAGE:
+            role = f"encoders 2..{settings.num_encoders} in one joint run ({settings.joint}), frozen decoder"
         lines.append(f"# stage {stage}: {role}, seed {seed}")
         argv = training_argv(settings, stage, seed)
         stage_record.stage_settings(argv)  # a flag train.py does not know stops here (exit 2)
@@ -276,9 +313,9 @@ def export_ensemble(settings: PipelineSettings, target: Path) -> None:
     """Export the S checkpoints to target/<stage>/checkpoint.pt and write target/manifest.json from
     what the checkpoints (seeds, flags) and the evaluation's results.json (L) record."""
     members, first_args = [], None
-    for stage in settings.stage_names():
+    for stage, source in zip(settings.member_names(), settings.member_checkpoints()):
         path = f"{stage}/{CHECKPOINT_FILE_NAME}"
-        checkpoint = export_for_evaluation(settings.checkpoint(stage), target / path)
+        checkpoint = export_for_evaluation(source, target / path)
         members.append(_member_entry(path, checkpoint))
         first_args = first_args or checkpoint["args"]
     results = json.loads((settings.out / "results" / "results.json").read_text(encoding="utf-8"))

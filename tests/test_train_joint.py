@@ -301,3 +301,19 @@ def test_a_non_finite_joint_loss_stops_before_updating_and_keeps_the_last_set(pa
     assert stopped.value.exit_code == 3 and "global step 4" in stopped.value.message
     for index in (1, 2):  # the set written after epoch 1 is kept
         assert load_raw(tmp_path / "eval-nan" / f"component-{index}" / "checkpoint.pt")["global_step"] == 4
+
+
+def test_pipeline_joint_trains_q2_to_qs_in_one_run_and_evaluates_its_components(tmp_path):
+    from miselbo import pipeline
+    settings = pipeline.parse_settings(["--preset", "tiny", "--joint", "s2a", "--joint_num_active", "1",
+                                        "--num_encoders", "4", "--out", str(tmp_path), "--dry_run"])
+    assert settings.stage_names() == ["p_and_q1", "joint"]
+    argv = pipeline.training_argv(settings, "joint", settings.seeds[1])
+    assert argv[argv.index("--num_new_encoders") + 1] == "3" and argv[argv.index("--num_active") + 1] == "1"
+    assert argv[argv.index("--seed") + 1] == "2" and "--train_new_q" in argv
+    evaluated = pipeline.evaluation_argv(settings)
+    members = evaluated[1:evaluated.index("--num_iw_samples")]
+    assert members == [str(tmp_path / "eval-p_and_q1" / "checkpoint.pt")] + [
+        str(tmp_path / "eval-joint" / f"component-{k}" / "checkpoint.pt") for k in (1, 2, 3)]
+    with pytest.raises(UserError, match="consecutive"):
+        pipeline.parse_settings(["--joint", "miselbo", "--seeds", "1", "2", "5"])
