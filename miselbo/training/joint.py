@@ -5,9 +5,10 @@ Component k (1-based) is built after seeding with `--seed + k - 1`, gets every d
 the parent copied and frozen (new_encoder.adopt_decoder, as a single `--train_new_q` run), and
 then uses component 1's decoder objects (one decoder in memory). Each component has its own
 optimizer and cosine schedule, saved in its own checkpoint (Adamax updates each parameter from its
-own gradient, so K optimizers act as one over all encoders); one GradScaler scales the joint loss. The objective is joint_objective's. Data: one
-pass over the training set, each batch used by every component (a single run would see the same
-batches for seed 1 only: the data order follows `--seed`).
+own gradient, so K optimizers act as one over all encoders); one GradScaler scales the joint
+loss. The objective is joint_objective's. Data: one pass over the training set, each batch used by
+every component (the data order follows `--seed`, so a single run with component 1's seed sees
+the same batches; the others' single runs would see other orders).
 
 Not as in a single run: no per-epoch validation (the final test runs for every component);
 checkpoints are written as a set (joint_checkpoints); `train_result.json` is written per
