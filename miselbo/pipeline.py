@@ -40,6 +40,7 @@ from miselbo import evaluate, stage_clock, stage_record, training
 from miselbo.checkpoints import CHECKPOINT_FILE_NAME, read_checkpoint
 from miselbo.cli import UserError, progress, require_positive, run_cli
 from miselbo.presets import PRESETS, get_preset
+from miselbo.stop_signals import StopSignal, signals_raise
 from miselbo.safe_io import atomic_torch_save, atomic_write_text
 from miselbo.training.options import data_set_of
 from miselbo.training.run import RESULT_FILE_NAME as TRAIN_RESULT_FILE_NAME
@@ -312,6 +313,8 @@ def _training_flags(args) -> dict:
 def export_ensemble(settings: PipelineSettings, target: Path) -> None:
     """Export the S checkpoints to target/<stage>/checkpoint.pt and write target/manifest.json from
     what the checkpoints (seeds, flags) and the evaluation's results.json (L) record."""
+    # An interrupted export must not leave an earlier manifest naming newly written files.
+    (target / MANIFEST_FILE_NAME).unlink(missing_ok=True)
     members, first_args = [], None
     for stage, source in zip(settings.member_names(), settings.member_checkpoints()):
         path = f"{stage}/{CHECKPOINT_FILE_NAME}"
@@ -325,6 +328,22 @@ def export_ensemble(settings: PipelineSettings, target: Path) -> None:
                 "eval_defaults": {"num_iw_samples": results["L"]}}
     atomic_write_text(target / MANIFEST_FILE_NAME, json.dumps(manifest, indent=2) + "\n",
                       record_sha256=False)
+
+
+def export_stoppable(settings: PipelineSettings) -> int:
+    """export_ensemble that answers SIGINT/SIGTERM at once: says what was kept, returns 130/143."""
+    try:
+        with signals_raise():
+            export_ensemble(settings, settings.export)
+    except StopSignal as stop:
+        finished = (settings.export / MANIFEST_FILE_NAME).is_file()
+        state = ("it had finished (manifest.json written)" if finished else
+                 "it has no manifest.json yet (each file in it is complete or absent)")
+        print(f"{PROG}: export to {settings.export} stopped by {stop.name}. Kept: every trained "
+              f"checkpoint and the results in {settings.out}; as for the export, {state}. Run the "
+              f"same command again to export.", file=sys.stderr)
+        return stop.exit_code
+    return 0
 
 
 def run_pipeline(settings: PipelineSettings) -> int:
@@ -352,7 +371,7 @@ def run_pipeline(settings: PipelineSettings) -> int:
         bar.update()
     if status == 0 and settings.export is not None:
         began = time.perf_counter()
-        export_ensemble(settings, settings.export)
+        status = export_stoppable(settings)
         times.append(("export", {"total": time.perf_counter() - began}))
     _report_times(settings, times, time.perf_counter() - started)
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s; results in "
