@@ -53,7 +53,8 @@ from miselbo.training.new_encoder import adopt_decoder, load_parent
 from miselbo.training.objective import RegularisedLayers
 from miselbo.training.options import data_set_of
 from miselbo.training.run import (RESULT_FILE_NAME, TrainResult, _annotate, _follow_schedule_flags,
-                                  _loaders, _step_scheduler, parameter_sha256, seed_everything)
+                                  _loaders, _step_scheduler, parameter_sha256, run_session,
+                                  seed_everything)
 from miselbo.training.settings import GRAD_SCALER_INIT_SCALE, PARAMETER_AVERAGING_PERIOD, TrainSettings
 from miselbo.training.stop import (EXIT_TRAINING_FAILED, NonFiniteLoss, StepGuard, StopAfterStep,
                                    StopRequests, TrainingStopped, signal_name)
@@ -130,13 +131,7 @@ def run_joint_training(args: argparse.Namespace, setup: DistributedSetup, device
                        resume_command: str) -> TrainResult:
     """Like run.run_training for a joint run; returns component 1's result, except that its
     parameter_sha256 covers every component (SHA-256 of the components' hashes in order)."""
-    requests = StopRequests(announce=setup.rank == 0)
-    with requests.installed():
-        session = JointSession.open(args, setup, device, requests, resume_command)
-        try:
-            return session.run()
-        finally:
-            session.close()
+    return run_session(JointSession, args, setup, device, resume_command)
 
 
 @dataclass

@@ -181,9 +181,15 @@ def run_training(args: argparse.Namespace, setup: DistributedSetup, device: torc
 
 def _run_single(args: argparse.Namespace, setup: DistributedSetup, device: torch.device,
                 resume_command: str) -> TrainResult:
+    return run_session(TrainingSession, args, setup, device, resume_command)
+
+
+def run_session(session_type, args: argparse.Namespace, setup: DistributedSetup, device: torch.device,
+                resume_command: str) -> TrainResult:
+    """Install the stop handlers, open `session_type` for this process, run it, always close it."""
     requests = StopRequests(announce=setup.rank == 0)
     with requests.installed():
-        session = TrainingSession.open(args, setup, device, requests, resume_command)
+        session = session_type.open(args, setup, device, requests, resume_command)
         try:
             return session.run()
         finally:
