@@ -53,7 +53,7 @@ from miselbo.training.new_encoder import adopt_decoder, load_parent
 from miselbo.training.objective import RegularisedLayers
 from miselbo.training.options import data_set_of
 from miselbo.training.run import (RESULT_FILE_NAME, TrainResult, _annotate, _follow_schedule_flags,
-                                  _loaders, _step_scheduler, parameter_sha256, run_session,
+                                  _loaders, _step_scheduler, finish_epoch_loss, parameter_sha256, run_session,
                                   seed_everything)
 from miselbo.training.settings import GRAD_SCALER_INIT_SCALE, PARAMETER_AVERAGING_PERIOD, TrainSettings
 from miselbo.training.stop import (EXIT_TRAINING_FAILED, NonFiniteLoss, StepGuard, StopAfterStep,
@@ -286,11 +286,7 @@ class JointSession:
         return joint_train_step(parts, x, global_step, self.guard)
 
     def _finish_epoch(self, epoch: int) -> None:
-        totals = torch.tensor([self.progress.epoch_loss_sum, float(self.progress.epoch_loss_count)],
-                              dtype=torch.float64, device=self.device)
-        distributed.sum_tensor_(totals)
-        epoch_loss = float(totals[0] / max(float(totals[1]), 1.0))
-        self.progress.finish_epoch()
+        epoch_loss = finish_epoch_loss(self.progress, self.device)
         self.log.info("epoch %d/%d done: joint training loss %.4f (nats, summed over components), "
                       "global step %d", epoch + 1, self.settings.epochs, epoch_loss,
                       self.progress.global_step)

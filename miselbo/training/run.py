@@ -184,6 +184,15 @@ def _run_single(args: argparse.Namespace, setup: DistributedSetup, device: torch
     return run_session(TrainingSession, args, setup, device, resume_command)
 
 
+def finish_epoch_loss(progress: Progress, device: torch.device) -> float:
+    """Mean training loss of the epoch over all processes; closes the epoch in `progress`."""
+    totals = torch.tensor([progress.epoch_loss_sum, float(progress.epoch_loss_count)],
+                          dtype=torch.float64, device=device)  # [sum, count]
+    distributed.sum_tensor_(totals)
+    progress.finish_epoch()
+    return float(totals[0] / max(float(totals[1]), 1.0))
+
+
 def run_session(session_type, args: argparse.Namespace, setup: DistributedSetup, device: torch.device,
                 resume_command: str) -> TrainResult:
     """Install the stop handlers, open `session_type` for this process, run it, always close it."""
@@ -317,11 +326,7 @@ class TrainingSession:
             log_reconstructions(self.board, self.model, x, terms, step)
 
     def _finish_epoch(self, epoch: int) -> None:
-        totals = torch.tensor([self.progress.epoch_loss_sum, float(self.progress.epoch_loss_count)],
-                              dtype=torch.float64, device=self.device)
-        distributed.sum_tensor_(totals)
-        epoch_loss = float(totals[0] / max(float(totals[1]), 1.0))
-        self.progress.finish_epoch()
+        epoch_loss = finish_epoch_loss(self.progress, self.device)
         self.log.info("epoch %d/%d done: training loss %.4f (NELBO + regularisers, nats), global "
                       "step %d, lr %.3g", epoch + 1, self.settings.epochs, epoch_loss,
                       self.progress.global_step, self.optimizer.param_groups[0]["lr"])
