@@ -23,6 +23,7 @@ then `RESULT {json}` with every per-seed number.
 
     python benchmarks/joint_comparison.py [--quick] [--seeds 1 4] [--out DIR] [--parent DIR]
                                           [--num_iw_samples 20] [--num_examples 1000]
+                                          [--eval_chunk_size C]
 """
 from __future__ import annotations
 
@@ -87,6 +88,8 @@ def evaluate(folders: list, result_dir: Path, options) -> dict:
     command = [sys.executable, "miselbo_eval.py", "--checkpoints", *map(str, folders),
                "--num_iw_samples", str(options.num_iw_samples), "--num_examples", str(options.num_examples),
                "--seed", "0", "--save", str(result_dir)]
+    if options.eval_chunk_size:
+        command += ["--chunk_size", str(options.eval_chunk_size)]
     _run(command, result_dir.parent / f"{result_dir.name}.log")
     return json.loads((result_dir / "results.json").read_text())
 
@@ -145,6 +148,9 @@ def main(argv=None) -> None:
                         "p_and_q1; with --quick a tiny parent trained here)")
     parser.add_argument("--num_iw_samples", type=int, default=None, help="L (default 20; --quick 2)")
     parser.add_argument("--num_examples", type=int, default=None, help="test digits (default 1000; --quick 16)")
+    parser.add_argument("--eval_chunk_size", type=int, default=None,
+                        help="miselbo_eval.py --chunk_size (samples per example in one decoder pass; "
+                             "larger passes are faster for the small demo model; changes only the draws)")
     options = parser.parse_args(argv)
     options.seeds = options.seeds or [1, 4]
     options.num_iw_samples = options.num_iw_samples or (2 if options.quick else 20)

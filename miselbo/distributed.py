@@ -153,22 +153,32 @@ def sum_tensor_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def average_gradients_(params: Iterable[torch.nn.Parameter]) -> None:
-    """Average every existing gradient over all processes (frozen parameters have none)."""
+def average_tensors_(tensors: Iterable[torch.Tensor]) -> None:
+    """Average many tensors in place over all processes with one all-reduce per dtype and device
+    (one message instead of one per tensor, whose latency dominated a 2-process CPU run of the demo
+    model). The same average as one all-reduce per tensor, up to the order of floating-point sums."""
     if not is_initialized():
         return
-    for param in params:
-        if param.grad is not None:
-            average_tensor_(param.grad.data)
+    buckets: dict = {}
+    for tensor in tensors:
+        buckets.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    for bucket in buckets.values():
+        flat = torch.cat([tensor.reshape(-1) for tensor in bucket])  # [sum of numel]
+        average_tensor_(flat)
+        offset = 0
+        for tensor in bucket:
+            tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+
+def average_gradients_(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average every existing gradient over all processes (frozen parameters have none)."""
+    average_tensors_(param.grad.data for param in params if param.grad is not None)
 
 
 def average_parameters_(params: Iterable[torch.nn.Parameter]) -> None:
     """Average the values of trainable parameters over all processes (NVAE does it every 100 steps)."""
-    if not is_initialized():
-        return
-    for param in params:
-        if param.requires_grad:
-            average_tensor_(param.data)
+    average_tensors_(param.data for param in params if param.requires_grad)
 
 
 def all_gather_cat(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:

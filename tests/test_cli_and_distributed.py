@@ -65,7 +65,15 @@ def _gather_worker(setup, queue):
     value = torch.tensor([float(setup.rank + 1)])
     distributed.average_tensor_(value)
     gathered = distributed.all_gather_cat(torch.full((setup.rank + 1,), float(setup.rank)))
-    queue.put((setup.rank, value.item(), gathered.tolist()))
+    # one bucketed all-reduce per dtype vs one all-reduce per tensor: the same averages
+    generator = torch.Generator().manual_seed(setup.rank)
+    tensors = [torch.randn(3, 2, generator=generator), torch.randn(5, generator=generator, dtype=torch.float64),
+               torch.randn(2, 2, 2, generator=generator)[:, 0]]  # a non-contiguous view too
+    one_by_one = [distributed.average_tensor_(t.clone()) for t in tensors]
+    distributed.average_tensors_(tensors)
+    bucketed_equal = all(torch.allclose(a, b, rtol=0, atol=1e-12) and a.dtype == b.dtype
+                         for a, b in zip(tensors, one_by_one))
+    queue.put((setup.rank, value.item(), gathered.tolist(), bucketed_equal))
     distributed.shutdown()
 
 
@@ -83,4 +91,4 @@ def test_two_gloo_processes_average_and_gather():
     results = sorted(queue.get(timeout=60) for _ in processes)
     for process in processes:
         process.join(timeout=60)
-    assert results == [(0, 1.5, [0.0, 1.0, 1.0]), (1, 1.5, [0.0, 1.0, 1.0])]
+    assert results == [(0, 1.5, [0.0, 1.0, 1.0], True), (1, 1.5, [0.0, 1.0, 1.0], True)]
