@@ -23,7 +23,7 @@ then `RESULT {json}` with every per-seed number.
 
     python benchmarks/joint_comparison.py [--quick] [--seeds 1 4] [--out DIR] [--parent DIR]
                                           [--num_iw_samples 20] [--num_examples 1000]
-                                          [--eval_chunk_size C]
+                                          [--eval_chunk_size C] [--epoch_test_examples 100]
 """
 from __future__ import annotations
 
@@ -62,9 +62,10 @@ def _run(command: list, log_file: Path) -> float:
     return time.perf_counter() - began
 
 
-def train_command(out: Path, parent: Path, save: str, seed: int, extra: list, quick: bool) -> list:
+def train_command(out: Path, parent: Path, save: str, seed: int, extra: list, options) -> list:
     return [sys.executable, "train.py", "--train_new_q", "--p_and_q1_path", str(parent), "--root", str(out),
-            "--save", save, "--seed", str(seed), *extra, *(QUICK_DATA if quick else [])]
+            "--save", save, "--seed", str(seed), "--epoch_test_examples", str(options.epoch_test_examples),
+            *extra, *(QUICK_DATA if options.quick else [])]
 
 
 def train_configuration(name: str, seed: int, options, parent: Path) -> tuple[list, float]:
@@ -75,12 +76,12 @@ def train_configuration(name: str, seed: int, options, parent: Path) -> tuple[li
         for index in range(NUM_ENCODERS):
             save = f"separate-s{seed}-q{index + 1}"
             folders.append(out / f"eval-{save}")
-            command = train_command(out, parent, save, seed + index, [], options.quick)
+            command = train_command(out, parent, save, seed + index, [], options)
             seconds += _run(command, out / f"{save}.log")
         return folders, seconds
     save = f"{name}-s{seed}"
     extra = ["--num_new_encoders", str(NUM_ENCODERS), *CONFIGURATIONS[name]]
-    seconds = _run(train_command(out, parent, save, seed, extra, options.quick), out / f"{save}.log")
+    seconds = _run(train_command(out, parent, save, seed, extra, options), out / f"{save}.log")
     return [out / f"eval-{save}" / f"component-{i + 1}" for i in range(NUM_ENCODERS)], seconds
 
 
@@ -151,6 +152,9 @@ def main(argv=None) -> None:
     parser.add_argument("--eval_chunk_size", type=int, default=None,
                         help="miselbo_eval.py --chunk_size (samples per example in one decoder pass; "
                              "larger passes are faster for the small demo model; changes only the draws)")
+    parser.add_argument("--epoch_test_examples", type=int, default=100,
+                        help="test digits of the test after each epoch (train.py flag; the trained weights do "
+                             "not depend on it; the final test of each run uses all test digits)")
     options = parser.parse_args(argv)
     options.seeds = options.seeds or [1, 4]
     options.num_iw_samples = options.num_iw_samples or (2 if options.quick else 20)

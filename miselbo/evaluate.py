@@ -74,7 +74,7 @@ from miselbo.result_set import ResultSet
 from miselbo.run_lock import hold_run_lock
 from miselbo.stop_signals import StopSignal, signals_raise
 from miselbo.ensemble_loading import (LoadedMembers, discover_demo_folder, expand_checkpoint_paths, load_members,
-                                      read_eval_defaults, read_manifest)
+                                      read_eval_defaults, read_manifest, use_fast_cpu_layout)
 from miselbo.eval_data import STREAM_DRAWS, STREAM_SUBSETS, EvaluationExamples, derived_seed, evaluation_examples
 from miselbo.nvae.distributions import output_image
 from miselbo import results as report
@@ -395,6 +395,7 @@ def _evaluate_here(settings: EvalSettings, device: torch.device, images) -> dict
     if members.decoder_problems and main_process:
         print(f"{PROG}: WARNING: --allow_decoder_mismatch: {'; '.join(members.decoder_problems)}. Every "
               f"member is scored with the decoder of {members.paths[0]}.", file=sys.stderr)
+    use_fast_cpu_layout(members.models)
     ensemble = Ensemble(members.models, check_decoders=False)  # checked and shared by load_members
     examples = evaluation_examples(settings.dataset, settings.data, settings.eval_on_train, settings.num_examples,
                                    settings.seed, members, images)

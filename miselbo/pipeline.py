@@ -255,6 +255,9 @@ def evaluation_argv(settings: PipelineSettings) -> list[str]:
             "--dataset", settings.dataset, *settings.data_flags()]
     if settings.num_eval_examples is not None:
         argv += ["--num_examples", str(settings.num_eval_examples)]
+    chunk_size = get_preset(settings.preset).eval_chunk_size
+    if chunk_size is not None:
+        argv += ["--chunk_size", str(min(chunk_size, settings.num_iw_samples))]
     return argv
 
 

@@ -180,3 +180,16 @@ def test_stacked_heads_follow_weight_changes():
     reloaded = ensemble.log_weights(x, 2, _generator(0)).log_q
     assert not torch.allclose(reloaded, changed.log_q)
     assert torch.equal(reloaded, Ensemble(members).log_weights(x, 2, _generator(0)).log_q)
+
+
+def test_channels_last_layout_gives_the_same_weights():
+    """use_fast_cpu_layout (evaluation on CPU) changes only the float rounding of every weight."""
+    from miselbo.ensemble_loading import use_fast_cpu_layout
+    _args, models = make_members(3, seed=5, num_channels_enc=8, num_channels_dec=8)
+    x = binary_batch(models[0], 4)
+    default = Ensemble(models).reduced_weights(x, 3, torch.Generator().manual_seed(1), 2, extra_own_samples=3)
+    use_fast_cpu_layout(models)
+    assert models[0].stem.weight.is_contiguous(memory_format=torch.channels_last)
+    converted = Ensemble(models).reduced_weights(x, 3, torch.Generator().manual_seed(1), 2, extra_own_samples=3)
+    for name in ("log_p", "log_q_own", "log_q_mix", "log_w_own_extra"):
+        assert torch.allclose(getattr(converted, name), getattr(default, name), rtol=0, atol=1e-3), name

@@ -17,7 +17,7 @@ from miselbo.checkpoints import save_nvae_checkpoint
 from miselbo.cli import UserError, run_cli
 from miselbo.data import DataError
 from miselbo.ensemble import Ensemble
-from miselbo.ensemble_loading import discover_demo_ensemble, load_members
+from miselbo.ensemble_loading import discover_demo_ensemble, load_members, use_fast_cpu_layout
 from miselbo.eval_data import STREAM_DRAWS, EvaluationExamples, derived_seed
 from miselbo.evaluate import (EvalSettings, FlowInversionError, _shard_batches, build_parser, evaluate, main,
                               settings_from_args)
@@ -101,6 +101,7 @@ def test_means_weight_every_example_equally(ensemble_dir):
     settings = _settings(ensemble_dir, estimators=("miselbo", "avg_iwelbo"))
     results = evaluate(settings)
     members = load_members(settings.checkpoints)
+    use_fast_cpu_layout(members.models)  # as evaluate does on CPU (layouts compared in test_ensemble_reduced)
     ensemble = Ensemble(members.models)
     examples = EvaluationExamples(load_dataset("mnist5k", ".", False, NUM_EXAMPLES), "mnist5k", 0, 8)
     per_example = []

@@ -1,0 +1,74 @@
+"""Evaluation speed on CPU in the default layout vs channels-last weights (miselbo.ensemble_loading.use_fast_cpu_layout).
+
+Loads the shipped ensemble (models/mnist5k_demo) twice, once converted to channels-last, and times
+Ensemble.reduced_weights on the same batch of test digits with the same draws, alternating the two
+layouts; prints the medians, their ratio and the largest difference between the two layouts'
+per-example MISELBO values (float rounding only). The last line is `RESULT {json}`.
+
+    python benchmarks/cpu_layout.py [--batch_size 50] [--num_iw_samples 20] [--chunk_size 20] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from miselbo.data import load_dataset  # noqa: E402
+from miselbo.ensemble import Ensemble  # noqa: E402
+from miselbo.ensemble_loading import (discover_demo_ensemble, load_members,  # noqa: E402
+                                      use_fast_cpu_layout)
+
+
+def ensemble(channels_last: bool) -> Ensemble:
+    members = load_members(discover_demo_ensemble(), "cpu")
+    if channels_last:
+        use_fast_cpu_layout(members.models)
+    return Ensemble(members.models, check_decoders=False)
+
+
+def timed(model: Ensemble, x: torch.Tensor, options) -> tuple[float, torch.Tensor]:
+    draws = torch.Generator().manual_seed(0)
+    began = time.perf_counter()
+    with torch.no_grad():
+        weights = model.reduced_weights(x, options.num_iw_samples, draws, options.chunk_size)
+    log_w = weights.log_p - weights.log_q_mix  # [B, S, L]
+    per_example = (torch.logsumexp(log_w, dim=2) - math.log(log_w.shape[2])).mean(dim=1)  # [B], MISELBO
+    return time.perf_counter() - began, per_example
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--num_iw_samples", type=int, default=20)
+    parser.add_argument("--chunk_size", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    options = parser.parse_args(argv)
+    dataset = load_dataset("mnist5k", "", train=False)
+    dataset.reseed(0)
+    x = torch.stack([dataset[i][0] for i in range(options.batch_size)])  # [B, 1, 32, 32]
+    layouts = {"default": ensemble(False), "channels_last": ensemble(True)}
+    seconds = {name: [] for name in layouts}
+    values = {}
+    for _ in range(options.repeats):
+        for name, model in layouts.items():
+            spent, values[name] = timed(model, x, options)
+            seconds[name].append(spent)
+    medians = {name: statistics.median(times) for name, times in seconds.items()}
+    difference = float((values["default"] - values["channels_last"]).abs().max())
+    result = {"median_seconds": medians, "channels_last_over_default": medians["channels_last"] / medians["default"],
+              "max_abs_difference_nats": difference, "threads": torch.get_num_threads(), **vars(options)}
+    print(f"default {medians['default']:.3f} s, channels-last {medians['channels_last']:.3f} s "
+          f"(ratio {result['channels_last_over_default']:.3f}); largest difference {difference:.2e} nats")
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
