@@ -128,6 +128,7 @@ def test_matched_baseline_equals_independent_single_member_passes(ensemble_dir):
     settings = _settings(ensemble_dir, matched_baseline=True, chunk_size=2)
     results = evaluate(settings)
     models = load_members(settings.checkpoints).models
+    use_fast_cpu_layout(models)  # as evaluate does on CPU
     examples = _examples()
     matched, miselbo, pooled = [], [], []
     for start in range(0, NUM_EXAMPLES, BATCH):
