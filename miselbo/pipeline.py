@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -36,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from miselbo import evaluate, stage_clock, stage_record, training
+from miselbo import evaluate, parallel_stages, stage_clock, stage_record, training
 from miselbo.checkpoints import CHECKPOINT_FILE_NAME, read_checkpoint
-from miselbo.cli import UserError, progress, require_positive, run_cli
+from miselbo.cli import UserError, progress, require_positive, resolve_device, run_cli
 from miselbo.presets import PRESETS, get_preset
 from miselbo.stop_signals import StopSignal, signals_raise
 from miselbo.safe_io import atomic_torch_save, atomic_write_text
@@ -50,6 +51,14 @@ STAGE_TIMES_FILE_NAME = "stage_times.json"  # seconds per stage and training par
 MANIFEST_FILE_NAME = "manifest.json"
 RETRAIN_FLAG = "--retrain_changed"
 JOINT_STAGE = "joint"
+
+
+class PipelineStopped(Exception):
+    """A signal stopped the pipeline's training stages (checkpoints kept); exit_code = 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class PipelineSettings:
     retrain_changed: bool = False
     joint: str | None = None  # --joint OBJECTIVE: q2..qS in one run (train.py --num_new_encoders)
     joint_num_active: int | None = None
+    parallel_stages: str = "auto"  # --parallel_stages: "auto" or a count of side-by-side q stages
 
     def member_names(self) -> list[str]:
         return ["p_and_q1"] + [f"q{member}" for member in range(2, self.num_encoders + 1)]
@@ -129,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(train.py --num_new_encoders S-1; seeds must then be consecutive)")
     parser.add_argument("--joint_num_active", type=int, default=None,
                         help="--num_active of the joint run (with --joint s2a or s2s)")
+    parser.add_argument("--parallel_stages", default="auto",
+                        help="train this many of the stages q2..qS side by side, each in its own process "
+                             "with its share of the CPU cores (1: one after another in this process). "
+                             "auto: on CPU min(S - 1, cores), else 1. Side by side, a stage's float "
+                             "rounding differs from a one-process run (its thread count differs)")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the train.py and miselbo_eval.py commands this would run, run nothing")
     parser.add_argument(RETRAIN_FLAG, action="store_true",
@@ -156,7 +171,10 @@ def parse_settings(argv: Sequence[str]) -> PipelineSettings:
             list(seeds[1:]) != list(range(seeds[1], seeds[1] + len(seeds) - 1)):
         raise UserError(f"--joint trains q2..qS with seeds s, s + 1, ...: --seeds after the first must be "
                         f"consecutive, got {list(seeds)}.")
+    if args.parallel_stages != "auto" and not (args.parallel_stages.isdigit() and int(args.parallel_stages) >= 1):
+        raise UserError(f"--parallel_stages must be auto or a whole number >= 1, got {args.parallel_stages!r}.")
     return PipelineSettings(
+        parallel_stages=args.parallel_stages,
         joint=args.joint, joint_num_active=args.joint_num_active,
         out=Path(args.out or f"runs/{dataset}_{preset.name}"), dataset=dataset, num_encoders=args.num_encoders,
         seeds=seeds, preset=args.preset, train_flags=tuple(train_flags), num_iw_samples=num_iw_samples,
@@ -189,18 +207,82 @@ def training_argv(settings: PipelineSettings, stage: str, seed: int) -> list[str
     return argv
 
 
-def run_training_stage(settings: PipelineSettings, stage: str, seed: int) -> str:
-    """Train one stage, resuming or skipping it as its checkpoint says; returns what was done."""
+def stage_argv(settings: PipelineSettings, stage: str, seed: int) -> list[str] | None:
+    """train.py's argv for a stage as its checkpoint says (resume with --cont_training), recorded in
+    pipeline_stages.json; None when the stage has all its epochs already."""
     argv = training_argv(settings, stage, seed)
     state = _finished_epochs(settings.checkpoint(stage))
     if state is not None and state[0] >= state[1]:
-        return f"{stage}: already trained ({state[0]} epochs), skipped"
+        return None
     stage_record.record_stage(settings.out, stage, argv)
-    if state is not None:
-        argv.append("--cont_training")
+    return argv + (["--cont_training"] if state is not None else [])
+
+
+def _stage_line(stage: str, test_nelbo: float, test_neg_log_p: float, samples: int, seconds: float) -> str:
+    return (f"{stage}: test NELBO {test_nelbo:.2f} nats, -log p {test_neg_log_p:.2f} nats ({samples} "
+            f"samples), {seconds:.0f} s")
+
+
+def _skipped_line(settings: PipelineSettings, stage: str) -> str:
+    return f"{stage}: already trained ({_finished_epochs(settings.checkpoint(stage))[0]} epochs), skipped"
+
+
+def run_training_stage(settings: PipelineSettings, stage: str, seed: int) -> str:
+    """Train one stage in this process, resuming or skipping it as its checkpoint says; returns what
+    was done."""
+    argv = stage_argv(settings, stage, seed)
+    if argv is None:
+        return _skipped_line(settings, stage)
     result = training.train(argv)
-    return (f"{stage}: test NELBO {result.test_nelbo:.2f} nats, -log p {result.test_neg_log_p:.2f} "
-            f"nats ({result.final_iw_samples} samples), {result.wall_seconds:.0f} s")
+    return _stage_line(stage, result.test_nelbo, result.test_neg_log_p, result.final_iw_samples,
+                       result.wall_seconds)
+
+
+def parallel_width(settings: PipelineSettings, num_stages: int) -> int:
+    """How many new-encoder stages train side by side: --parallel_stages, or with 'auto' on CPU
+    min(stages, cores) (1 on CUDA, with --joint, or on one core)."""
+    if settings.parallel_stages != "auto":
+        return max(1, min(int(settings.parallel_stages), num_stages))
+    if settings.joint is not None or resolve_device(settings.device).type != "cpu":
+        return 1
+    return max(1, min(num_stages, os.cpu_count() or 1))
+
+
+def run_parallel_stages(settings: PipelineSettings, stages: list, width: int, bar) -> list:
+    """Train `stages` [(stage, seed)] as side-by-side processes; [(stage, {part: seconds})]."""
+    jobs, times = [], []
+    for stage, seed in stages:
+        argv = stage_argv(settings, stage, seed)
+        if argv is None:
+            bar.write(_skipped_line(settings, stage))
+            times.append((stage, {"total": 0.0}))
+            bar.update()
+        else:
+            jobs.append(parallel_stages.StageJob(stage, argv, settings.out / "logs" / f"{stage}.log"))
+    if not jobs:
+        return times
+    bar.write(f"training {', '.join(job.name for job in jobs)} side by side ({width} at a time, "
+              f"{parallel_stages.threads_per_child(width)} thread(s) each; logs in {settings.out / 'logs'})")
+    began_at = time.time()
+
+    def finished(job) -> None:
+        result = json.loads((settings.checkpoint(job.name).parent / TRAIN_RESULT_FILE_NAME).read_text())
+        bar.write(_stage_line(job.name, result["test_nelbo"], result["test_neg_log_p"],
+                              result["final_iw_samples"], job.seconds))
+        bar.update()
+
+    def show(epochs: dict) -> None:
+        bar.set_postfix_str("training " + ", ".join(f"{name} epoch {done}" for name, done in epochs.items()))
+
+    try:
+        ended = parallel_stages.run_in_parallel(jobs, width, on_progress=show, on_finished=finished)
+    except parallel_stages.StagesStopped as stopped:
+        raise PipelineStopped(str(stopped), stopped.exit_code) from None
+    for job in ended:
+        times.append((job.name, stage_clock.training_stage_parts(
+            settings.checkpoint(job.name).parent / TRAIN_RESULT_FILE_NAME, job.seconds, began_at)))
+    order = [stage for stage, _seed in stages]
+    return sorted(times, key=lambda row: order.index(row[0]))
 
 
 def changed_stages(settings: PipelineSettings) -> dict[str, list[stage_record.Difference]]:
@@ -349,6 +431,28 @@ def export_stoppable(settings: PipelineSettings) -> int:
     return 0
 
 
+def train_stages(settings: PipelineSettings, bar) -> list:
+    """Every training stage: p_and_q1 (or the joint run) here, q2..qS here or side by side;
+    [(stage, {part: seconds})] in stage order."""
+    stages = list(zip(settings.stage_names(), settings.seeds))
+    times = []
+    later = stages[1:] if settings.joint is None else []
+    width = parallel_width(settings, len(later))
+    for stage, seed in (stages[:1] if width > 1 else stages):
+        bar.set_postfix_str(f"training {stage}")
+        began, began_at = time.perf_counter(), time.time()
+        bar.write(run_training_stage(settings, stage, seed))
+        times.append((stage, stage_clock.training_stage_parts(
+            settings.checkpoint(stage).parent / TRAIN_RESULT_FILE_NAME,
+            time.perf_counter() - began, began_at)))
+        bar.update()
+    if width > 1:
+        began = time.perf_counter()
+        times += run_parallel_stages(settings, later, width, bar)
+        times.append(("(side by side)", {"total": time.perf_counter() - began}))
+    return times
+
+
 def run_pipeline(settings: PipelineSettings) -> int:
     """All stages in order; returns the evaluation's exit status."""
     if settings.dry_run:
@@ -356,17 +460,12 @@ def run_pipeline(settings: PipelineSettings) -> int:
         return 0
     started = time.perf_counter()
     check_stage_settings(settings)
-    stages = list(zip(settings.stage_names(), settings.seeds))
-    times: list[tuple[str, dict[str, float]]] = []  # (stage, {part: seconds}) for the summary
-    with progress(total=len(stages) + 1, desc="pipeline", unit="stage") as bar:
-        for stage, seed in stages:
-            bar.set_postfix_str(f"training {stage}")
-            began, began_at = time.perf_counter(), time.time()
-            bar.write(run_training_stage(settings, stage, seed))
-            times.append((stage, stage_clock.training_stage_parts(
-                settings.checkpoint(stage).parent / TRAIN_RESULT_FILE_NAME,
-                time.perf_counter() - began, began_at)))
-            bar.update()
+    with progress(total=len(settings.stage_names()) + 1, desc="pipeline", unit="stage") as bar:
+        try:
+            times = train_stages(settings, bar)
+        except PipelineStopped as stopped:
+            print(f"{PROG}: {stopped}", file=sys.stderr)
+            return stopped.exit_code
         bar.set_postfix_str("evaluating")
         began = time.perf_counter()
         status = evaluate.main(evaluation_argv(settings))

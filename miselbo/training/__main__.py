@@ -1,0 +1,34 @@
+"""`python -m miselbo.training ARGS`: train.py's command line (what the pipeline starts for stages
+it runs side by side, miselbo.parallel_stages).
+
+When MISELBO_PARENT_PID names the starting process, this process asks Linux to send it SIGTERM
+when that parent dies (prctl PR_SET_PDEATHSIG), and exits at once if the parent is already gone:
+a training run never keeps going after the pipeline that started it was killed. SIGTERM makes
+training stop after its current step with a checkpoint.
+"""
+import ctypes
+import os
+import signal
+import sys
+
+from miselbo.cli import run_cli
+from miselbo.training import main
+
+PR_SET_PDEATHSIG = 1
+
+
+def _follow_parent() -> None:
+    parent = os.environ.get("MISELBO_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != parent:  # the parent died before prctl took effect
+        sys.exit(128 + int(signal.SIGTERM))
+
+
+if __name__ == "__main__":
+    _follow_parent()
+    sys.exit(run_cli(main, prog="train.py"))
