@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from miselbo import pipeline
+from miselbo import pipeline, pipeline_export
 from miselbo.checkpoints import read_checkpoint
 
 
@@ -33,7 +33,7 @@ def test_a_signal_during_export_stops_it_and_leaves_no_manifest(tmp_path, shippe
     settings = _settings(tmp_path, shipped_members)
     settings.export.mkdir()
     (settings.export / "manifest.json").write_text("{}")  # an earlier export's manifest
-    real_export = pipeline.export_for_evaluation
+    real_export = pipeline_export.export_for_evaluation
     calls = []
 
     def export_then_signal(source, destination):
@@ -43,7 +43,7 @@ def test_a_signal_during_export_stops_it_and_leaves_no_manifest(tmp_path, shippe
             os.kill(os.getpid(), signal_number)
         return checkpoint
 
-    monkeypatch.setattr(pipeline, "export_for_evaluation", export_then_signal)
+    monkeypatch.setattr(pipeline_export, "export_for_evaluation", export_then_signal)
     assert pipeline.export_stoppable(settings) == 128 + signal_number
     assert len(calls) == 2  # stopped right after the second member, the third was never started
     assert not (settings.export / "manifest.json").exists()
