@@ -8,6 +8,8 @@ decoder, evaluate the ensemble with MISELBO and its companions.
 Stages (one progress bar over them, each stage shows its own):
   1. `train.py --save p_and_q1 --seed <seed_1>`                         decoder + first encoder
   2. `train.py --train_new_q --p_and_q1_path <stage 1> --save q<s> --seed <seed_s>`, s = 2..S
+     (on CPU side by side, each a single-threaded child process logging to <out>/logs/q<s>.log;
+     --parallel_stages 1 runs them one after another in this process; miselbo.parallel_stages)
   3. `miselbo_eval.py --checkpoints <all S> --ablation --save <out>/results`
 With `--joint OBJECTIVE` stage 2 is ONE run, `train.py --train_new_q ... --save joint
 --num_new_encoders S-1 --mixture_objective OBJECTIVE` (seeds seed_2, seed_2 + 1, ...), whose
