@@ -62,7 +62,7 @@ from miselbo.nvae.distributions import Normal, reconstruction_loss
 from miselbo.nvae.model import DECODER_MODULE_NAMES, AutoEncoder, EncoderFeatures
 
 __all__ = ["Ensemble", "EnsembleLogWeights", "ReducedLogWeights", "share_decoder", "uses_shared_decoder",
-           "default_chunk_size", "naive_log_weights", "DEFAULT_PASS_ROWS"]
+           "default_chunk_size", "naive_log_weights", "DEFAULT_PASS_ROWS", "stacked_head", "head_base"]
 
 # Rows (chunk x batch) of one decoder pass when no chunk size is given. On the 2-core CPU used for
 # development the per-row cost of the NVAE MNIST decoder rises beyond ~32 rows (cache), while GPUs
@@ -181,6 +181,29 @@ class _PassState:
 
 # ----------------------------------------------------------------------------- the ensemble
 
+def stacked_head(members: Sequence[AutoEncoder], group: int) -> tuple[torch.Tensor, int, int]:
+    """(composed weight [S 2L, C_dec, k, k], padding, dilation) of group g >= 1's posterior heads of
+    every member: Samp_j(Comb_j(F_j, h)) = Samp_j(F_j + bc_j) + conv(h, W_samp_j . W_comb_j), since
+    the combiner is a 1x1 convolution (Ensemble uses it without gradients, the joint training
+    objective with them)."""
+    composed = []
+    for member in members:
+        combiner = member.encoder_combiner(group).conv
+        sampler = member.enc_sampler[group]
+        _require_linear_heads(combiner, sampler, group)
+        w_comb = combiner.normalize_weight().double()[:, :, 0, 0]  # [C_enc, C_dec]
+        w_samp = sampler.normalize_weight().double()  # [2L, C_enc, k, k]
+        composed.append(torch.einsum("ocab,ci->oiab", w_samp, w_comb))  # [2L, C_dec, k, k]
+    sampler = members[0].enc_sampler[group]
+    return torch.cat(composed).float(), sampler.padding, sampler.dilation
+
+
+def head_base(member: AutoEncoder, features: EncoderFeatures, group: int) -> torch.Tensor:
+    """Samp_j(F_j + bc_j): the x-only part of member j's raw posterior parameters, [B, 2L, h, w]."""
+    combiner_bias = member.encoder_combiner(group).conv.bias
+    return member.enc_sampler[group](features.bottom_up[group] + combiner_bias.view(1, -1, 1, 1))
+
+
 class Ensemble:
     """S NVAE members sharing member 0's decoder; see the module docstring.
 
@@ -219,7 +242,7 @@ class Ensemble:
         if versions == self._head_versions:
             return
         with torch.no_grad():
-            self._head_weights = [None] + [self._stacked_head(g) for g in range(1, self.num_groups)]
+            self._head_weights = [None] + [stacked_head(self.members, g) for g in range(1, self.num_groups)]
         self._head_versions = versions
 
     def _check_members(self, check_decoders: bool) -> None:
@@ -241,19 +264,6 @@ class Ensemble:
                                  f"needs one shared decoder (pass check_decoders=False to use member 1's "
                                  f"decoder for every member anyway)")
 
-    def _stacked_head(self, group: int) -> tuple[torch.Tensor, int, int]:
-        """(composed weight [S 2L, C_dec, k, k], padding, dilation) of group g >= 1's heads."""
-        composed = []
-        for member in self.members:
-            combiner = member.encoder_combiner(group).conv
-            sampler = member.enc_sampler[group]
-            _require_linear_heads(combiner, sampler, group)
-            w_comb = combiner.normalize_weight().double()[:, :, 0, 0]  # [C_enc, C_dec]
-            w_samp = sampler.normalize_weight().double()  # [2L, C_enc, k, k]
-            composed.append(torch.einsum("ocab,ci->oiab", w_samp, w_comb))  # [2L, C_dec, k, k]
-        sampler = self.decoder.enc_sampler[group]
-        return torch.cat(composed).float(), sampler.padding, sampler.dilation
-
     # ------------------------------------------------------------------------- per batch
 
     def _batch_context(self, x: torch.Tensor, num_samples: int, latents, record_latents: bool) -> _BatchContext:
@@ -264,19 +274,13 @@ class Ensemble:
         top_posterior = Normal(*torch.chunk(top_raw, 2, dim=3))  # [1, B, S, L, h, w]
         bases = [None]
         for group in range(1, self.num_groups):
-            bases.append(torch.stack([self._head_base(member, feat, group)
+            bases.append(torch.stack([head_base(member, feat, group)
                                       for member, feat in zip(self.members, features)], dim=1).unsqueeze(0))
         record = None
         if record_latents:
             record = tuple([x.new_zeros(x.shape[0], self.num_members, num_samples, *shape)
                             for shape in self.decoder.latent_shapes] for _ in range(2))
         return _BatchContext(x, features, top_raw, top_posterior, bases, latents, record)
-
-    @staticmethod
-    def _head_base(member: AutoEncoder, features: EncoderFeatures, group: int) -> torch.Tensor:
-        """Samp_j(F_j + bc_j): the x-only part of member j's raw posterior parameters, [B, 2L, h, w]."""
-        combiner_bias = member.encoder_combiner(group).conv.bias
-        return member.enc_sampler[group](features.bottom_up[group] + combiner_bias.view(1, -1, 1, 1))
 
     # ------------------------------------------------------------------------- per group
 

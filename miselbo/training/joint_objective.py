@@ -37,12 +37,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Sequence
 
 import torch
 
-from miselbo.ensemble import Ensemble
+from miselbo.ensemble import head_base, stacked_head
 from miselbo.nvae.distributions import Normal, reconstruction_loss
 from miselbo.nvae.model import PriorRaw
 from miselbo.nvae.objectives import kl_balancer
@@ -88,13 +87,6 @@ def _scorer_indices(spec: JointSpec, num_components: int, active: Sequence[int])
     return list(active) if spec.objective == "s2s" else list(range(num_components))
 
 
-def _stacked_head(scorers: Sequence, group: int):
-    """(weight [M 2L, C_dec, k, k], padding, dilation): miselbo.ensemble's composed heads, built
-    here with gradients (the Ensemble object itself fixes them under no_grad for evaluation)."""
-    members = SimpleNamespace(members=list(scorers), decoder=scorers[0])
-    return Ensemble._stacked_head(members, group)
-
-
 class _MixtureScorer:
     """Accumulates scores[i, b, j] = log q_j(z_i | x_b) (summed over groups) on one decoder pass."""
 
@@ -109,8 +101,8 @@ class _MixtureScorer:
             top = torch.stack([m.enc_sampler[0](f.top) for m, f in zip(self.scorers, self.features)],
                               dim=1).unsqueeze(0)  # [1, B, M, 2L, h, w]
             return Normal(*torch.chunk(top, 2, dim=3))
-        weight, padding, dilation = _stacked_head(self.scorers, group)
-        bases = torch.stack([Ensemble._head_base(m, f, group) for m, f in zip(self.scorers, self.features)],
+        weight, padding, dilation = stacked_head(self.scorers, group)  # with gradients here
+        bases = torch.stack([head_base(m, f, group) for m, f in zip(self.scorers, self.features)],
                             dim=1).unsqueeze(0)  # [1, B, M, 2L, h, w]
         per_row = torch.nn.functional.conv2d(state, weight, None, 1, padding, dilation)  # [A B, M 2L, h, w]
         params = bases + per_row.view(self.num_blocks, self.batch, *bases.shape[2:])
