@@ -138,6 +138,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+def cpu_threads_per_process(processes_on_this_machine: int) -> int:
+    """Each of several CPU processes' share of this machine's cores (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes_on_this_machine))
+
+
 def average_tensor_(tensor: torch.Tensor) -> torch.Tensor:
     """Average `tensor` in place over all processes; returns it."""
     if is_initialized():

@@ -181,7 +181,7 @@ def use_fast_cpu_layout(models: Sequence[AutoEncoder]) -> None:
     channels-last; `python benchmarks/cpu_layout.py` times the shipped ensemble's evaluation batches
     in both layouts on one machine and prints the ratio. Every activation after the first
     convolution follows the weights' layout; values change only by float rounding
-    (tests/test_evaluate.py compares both layouts). Training keeps the default layout, so trained
+    (tests/test_ensemble_reduced.py compares both layouts). Training keeps the default layout, so trained
     weights stay bit-identical to earlier versions.
     """
     for model in models:

@@ -538,7 +538,7 @@ def _spawn(settings: EvalSettings, device: torch.device, images) -> dict:
 
 def _spawned_worker(settings: EvalSettings, images, exchange: Path, setup: distributed.DistributedSetup) -> None:
     if setup.device_type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // setup.world_size))
+        torch.set_num_threads(distributed.cpu_threads_per_process(setup.world_size))
     try:
         results = _run_process(settings, setup, images)
     except USER_ERRORS as err:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from miselbo.cli import UserError
+from miselbo.distributed import cpu_threads_per_process
 
 PARENT_PID_VARIABLE = "MISELBO_PARENT_PID"  # read by miselbo.training.__main__
 POLL_SECONDS = 0.5
@@ -66,7 +67,7 @@ class StagesFailed(UserError):
 
 
 def threads_per_child(width: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, width))
+    return cpu_threads_per_process(width)
 
 
 def _child_environment(width: int) -> dict:

@@ -338,7 +338,7 @@ def evaluation_argv(settings: PipelineSettings) -> list[str]:
         argv += ["--num_examples", str(settings.num_eval_examples)]
     chunk_size = get_preset(settings.preset).eval_chunk_size
     if chunk_size is not None:
-        argv += ["--chunk_size", str(min(chunk_size, settings.num_iw_samples))]
+        argv += ["--chunk_size", str(chunk_size)]  # miselbo_eval.py caps it at L
     return argv
 
 

@@ -110,7 +110,7 @@ def _node_setups(run_args, device: torch.device) -> list[DistributedSetup]:
 def _share_cpu_threads(processes_on_this_machine: int) -> None:
     """Give each of several CPU processes its share of the cores (unless OMP_NUM_THREADS says)."""
     if processes_on_this_machine > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes_on_this_machine))
+        torch.set_num_threads(distributed.cpu_threads_per_process(processes_on_this_machine))
 
 
 def _run_process(setup: DistributedSetup, run_args, device: torch.device, command: str) -> TrainResult:
