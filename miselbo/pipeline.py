@@ -80,6 +80,8 @@ class PipelineSettings:
     joint: str | None = None  # --joint OBJECTIVE: q2..qS in one run (train.py --num_new_encoders)
     joint_num_active: int | None = None
     parallel_stages: str = "auto"  # --parallel_stages: "auto" or a count of side-by-side q stages
+    eval_processes: str = "auto"  # --eval_processes: "auto" or a count of evaluation processes
+    matched_baseline: bool | None = None  # --[no-]matched_baseline; None: the preset's choice
 
     def member_names(self) -> list[str]:
         return ["p_and_q1"] + [f"q{member}" for member in range(2, self.num_encoders + 1)]
@@ -143,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "with its share of the CPU cores (1: one after another in this process). "
                              "auto: on CPU min(S - 1, cores), else 1. Side by side, a stage's float "
                              "rounding differs from a one-process run (its thread count differs)")
+    parser.add_argument("--matched_baseline", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the compute-matched baseline to the evaluation (each member's IWELBO at "
+                             "S x L samples; about S times MISELBO's decoder passes). Default: the "
+                             "preset's (off for demo, on for tiny and paper)")
+    parser.add_argument("--eval_processes", default="auto",
+                        help="split the evaluation's batches over this many processes (miselbo_eval.py "
+                             "--world_size; the numbers do not depend on it). auto: on CPU min(cores, "
+                             "batches), else 1")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the train.py and miselbo_eval.py commands this would run, run nothing")
     parser.add_argument(RETRAIN_FLAG, action="store_true",
@@ -170,10 +180,13 @@ def parse_settings(argv: Sequence[str]) -> PipelineSettings:
             list(seeds[1:]) != list(range(seeds[1], seeds[1] + len(seeds) - 1)):
         raise UserError(f"--joint trains q2..qS with seeds s, s + 1, ...: --seeds after the first must be "
                         f"consecutive, got {list(seeds)}.")
-    if args.parallel_stages != "auto" and not (args.parallel_stages.isdigit() and int(args.parallel_stages) >= 1):
-        raise UserError(f"--parallel_stages must be auto or a whole number >= 1, got {args.parallel_stages!r}.")
+    for flag in ("parallel_stages", "eval_processes"):
+        value = getattr(args, flag)
+        if value != "auto" and not (value.isdigit() and int(value) >= 1):
+            raise UserError(f"--{flag} must be auto or a whole number >= 1, got {value!r}.")
     return PipelineSettings(
-        parallel_stages=args.parallel_stages,
+        parallel_stages=args.parallel_stages, eval_processes=args.eval_processes,
+        matched_baseline=args.matched_baseline,
         joint=args.joint, joint_num_active=args.joint_num_active,
         out=Path(args.out or f"runs/{dataset}_{preset.name}"), dataset=dataset, num_encoders=args.num_encoders,
         seeds=seeds, preset=args.preset, train_flags=tuple(train_flags), num_iw_samples=num_iw_samples,
@@ -196,7 +209,7 @@ def training_argv(settings: PipelineSettings, stage: str, seed: int) -> list[str
     """train.py's command line for one stage (without --cont_training)."""
     argv = ["--root", str(settings.out), "--save", stage, "--seed", str(seed),
             "--dataset", settings.dataset, "--device", settings.device, *settings.data_flags()]
-    argv += get_preset(settings.preset).flags() + list(settings.train_flags)
+    argv += get_preset(settings.preset).flags(new_encoder=stage != "p_and_q1") + list(settings.train_flags)
     if stage != "p_and_q1":
         argv += ["--train_new_q", "--p_and_q1_path", str(settings.checkpoint("p_and_q1").parent)]
     if stage == JOINT_STAGE:
@@ -218,6 +231,8 @@ def stage_argv(settings: PipelineSettings, stage: str, seed: int) -> list[str] |
 
 
 def _stage_line(stage: str, test_nelbo: float, test_neg_log_p: float, samples: int, seconds: float) -> str:
+    if samples == 1:  # one sample bounds -log p by the NELBO itself
+        return f"{stage}: test NELBO {test_nelbo:.2f} nats (1 sample), {seconds:.0f} s"
     return (f"{stage}: test NELBO {test_nelbo:.2f} nats, -log p {test_neg_log_p:.2f} nats ({samples} "
             f"samples), {seconds:.0f} s")
 
@@ -339,7 +354,36 @@ def evaluation_argv(settings: PipelineSettings) -> list[str]:
     chunk_size = get_preset(settings.preset).eval_chunk_size
     if chunk_size is not None:
         argv += ["--chunk_size", str(chunk_size)]  # miselbo_eval.py caps it at L
+    if not matched_baseline_on(settings):
+        argv += ["--no-matched_baseline"]  # --ablation would turn it on
+    processes = evaluation_processes(settings)
+    if processes > 1:
+        argv += ["--world_size", str(processes)]
     return argv
+
+
+def matched_baseline_on(settings: PipelineSettings) -> bool:
+    """--matched_baseline / --no-matched_baseline, else the preset's choice."""
+    if settings.matched_baseline is not None:
+        return settings.matched_baseline
+    return get_preset(settings.preset).eval_matched_baseline
+
+
+# the smallest test split of the datasets the pipeline knows (mnist5k's); all of them hold at least this
+FEWEST_TEST_IMAGES = 1000
+
+
+def evaluation_processes(settings: PipelineSettings) -> int:
+    """How many processes evaluate: --eval_processes, or with 'auto' on CPU min(cores, batches)
+    (1 on CUDA). Each process takes whole batches with their own seeded draws, so the results
+    do not depend on the count (tests/test_pipeline.py)."""
+    if settings.eval_processes != "auto":
+        return int(settings.eval_processes)
+    if resolve_device(settings.device).type != "cpu":
+        return 1
+    num_examples = settings.num_eval_examples or FEWEST_TEST_IMAGES
+    num_batches = -(-num_examples // settings.eval_batch_size)
+    return max(1, min(os.cpu_count() or 1, num_batches))
 
 
 def dry_run_text(settings: PipelineSettings) -> str:
@@ -407,6 +451,9 @@ def run_pipeline(settings: PipelineSettings) -> int:
         began = time.perf_counter()
         status = evaluate.main(evaluation_argv(settings))
         times.append(("evaluation", {"total": time.perf_counter() - began}))
+        if status == 0 and not matched_baseline_on(settings):
+            bar.write(f"(the compute-matched baseline was not computed: the {settings.preset} preset leaves it "
+                      f"out; add --matched_baseline to compute it for this ensemble)")
         bar.update()
     if status == 0 and settings.export is not None:
         began = time.perf_counter()

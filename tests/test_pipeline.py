@@ -16,13 +16,15 @@ from miselbo.checkpoints import read_checkpoint
 from miselbo.cli import UserError
 from miselbo.evaluate import main as evaluate_main
 from miselbo.nvae.config import NVAE_TRAIN_FLAGS
-from miselbo.presets import PAPER
+from miselbo.presets import DEMO, PAPER
 from miselbo.training.options import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY_RUN = ["--preset", "tiny", "--num_train_examples", "64", "--num_test_examples", "16",
             "--num_eval_examples", "8", "--num_iw_samples", "3", "--device", "cpu"]
+# the demo preset's epochs for q2..qS (its flags for the new encoders only)
+DEMO_NEW_ENCODER_EPOCHS = int(DEMO.new_encoder_schedule[DEMO.new_encoder_schedule.index("--epochs") + 1])
 RESULT_KEYS = {"S", "L", "num_examples", "dataset", "seed", "device", "wall_seconds", "checkpoints",
                "estimators", "iwelbo_per_member", "delta"}
 
@@ -112,6 +114,39 @@ def test_unknown_flags_go_to_every_training_stage_after_the_preset(tmp_path):
     assert second[second.index("--seed") + 1] == "2"
 
 
+def test_demo_new_encoders_get_their_own_schedule_and_a_given_flag_overrides_it(tmp_path):
+    demo = pipeline.parse_settings(["--out", str(tmp_path)])
+    first = build_parser().parse_args(pipeline.training_argv(demo, "p_and_q1", 1))
+    second = build_parser().parse_args(pipeline.training_argv(demo, "q2", 2))
+    assert (first.epochs, second.epochs) == (8, DEMO_NEW_ENCODER_EPOCHS)
+    assert (first.final_iw_samples, second.final_iw_samples) == (10, 1)
+    given = pipeline.parse_settings(["--out", str(tmp_path), "--epochs", "8"])  # NVAE's flag, given
+    assert build_parser().parse_args(pipeline.training_argv(given, "q3", 3)).epochs == 8
+
+
+def test_evaluation_processes_and_the_matched_baseline_follow_the_flags_and_the_preset(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 4)
+
+    def evaluation(*argv):
+        command = pipeline.evaluation_argv(pipeline.parse_settings(["--out", str(tmp_path), *argv]))
+        processes = int(command[command.index("--world_size") + 1]) if "--world_size" in command else 1
+        return processes, "--no-matched_baseline" not in command
+
+    assert evaluation("--device", "cpu") == (4, False)  # demo: all cores, no matched baseline
+    assert evaluation("--device", "cpu", "--num_eval_examples", "60") == (2, False)  # 2 batches of 50
+    assert evaluation("--device", "cpu", "--eval_processes", "1", "--matched_baseline") == (1, True)
+    assert evaluation("--device", "cpu", "--preset", "tiny") == (4, True)
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 1)
+    assert evaluation("--device", "cpu")[0] == 1
+    with pytest.raises(UserError, match="--eval_processes must be auto or a whole number"):
+        pipeline.parse_settings(["--eval_processes", "0"])
+
+
+def test_a_one_sample_final_test_is_reported_as_a_nelbo_only():
+    assert pipeline._stage_line("q2", 105.5, 105.5, 1, 99.6) == "q2: test NELBO 105.50 nats (1 sample), 100 s"
+    assert "-log p 101.40 nats (10 samples)" in pipeline._stage_line("q2", 105.5, 101.4, 10, 99.6)
+
+
 # ----------------------------------------------------------------------------- dry run
 
 def _printed_commands(text: str, program: str) -> list[list[str]]:
@@ -166,7 +201,8 @@ def _readme_nvae_commands() -> str:
     return block
 
 
-def test_readme_commands_for_nvae_users_are_the_dry_run_output(capsys):
+def test_readme_commands_for_nvae_users_are_the_dry_run_output(capsys, monkeypatch):
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 1)  # as on a GPU: one evaluation process
     block = _readme_nvae_commands().replace("\\\n", " ")
     written = [shlex.split(line) for line in block.splitlines() if line.startswith("python ")]
     dry_run_line = [command for command in written if command[:3] == ["python", "-m", "miselbo.pipeline"]]

@@ -1,8 +1,8 @@
 """NVAE's optimiser and learning-rate schedule (docs/nvae.md 8.1 steps 5-6, 8.2, 8.3).
 
 Optimiser: Adamax with eps 1e-3 and betas (0.9, 0.999), either `torch.optim.Adamax` or our
-`StackedAdamax` ("fast" variant), which does the same arithmetic on one stacked vector per
-parameter group, dtype and device (NVAE stacks per shape; one flat stack needs fewer operations).
+`StackedAdamax` ("fast" variant), which does the same arithmetic with one multi-tensor (`torch._foreach_*`)
+operation per term over all parameters of a group, dtype and device (NVAE stacks per shape).
 Unlike NVAE's fast Adamax (defect D3, docs/nvae.md 10.5) it skips every parameter without a
 gradient, so a frozen decoder stays bit-identical, and it uses each parameter's own step count.
 
@@ -31,9 +31,8 @@ class StackedAdamax(torch.optim.Optimizer):
     """Adamax in bulk: θ ← θ − lr/(1 − β₁^t) · m/u, m = β₁m + (1−β₁)g, u = max(β₂u, |g| + ε).
 
     g = ∇θ + wd·θ, t = the parameter's own step count. All updatable parameters of a group with
-    the same dtype and device are flattened into one stacked vector, updated with a handful of
-    tensor operations, and copied back in place (no re-binding of `.data`, so tensors that alias a
-    parameter keep seeing its values). A parameter with no gradient or with
+    the same dtype and device are updated together by a handful of multi-tensor operations, in
+    place (no re-binding of `.data`, so tensors that alias a parameter keep seeing its values). A parameter with no gradient or with
     `requires_grad=False` is left untouched, state included.
     """
 
@@ -82,42 +81,27 @@ class StackedAdamax(torch.optim.Optimizer):
         states = [self._state_of(param) for param in params]
         step_counts = [state["step"] for state in states]
         torch._foreach_add_(step_counts, 1.0)
-        sizes = [param.numel() for param in params]
-        theta = _flatten(params)  # [N], N = total size of the bucket
-        grad = _flatten([param.grad for param in params])  # [N]
-        exp_avg = _flatten([state["exp_avg"] for state in states])  # [N]
-        exp_inf = _flatten([state["exp_inf"] for state in states])  # [N]
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_infs = [state["exp_inf"] for state in states]
+        grads = [param.grad for param in params]
         if group["weight_decay"] != 0:
-            grad = grad.add(theta, alpha=group["weight_decay"])
-        exp_avg.lerp_(grad, 1 - beta1)  # m + (1 - b1)(g - m) = b1 m + (1 - b1) g
-        torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(group["eps"]), out=exp_inf)
-        theta.addcdiv_(exp_avg * -_step_sizes(step_counts, group["lr"], beta1, theta, sizes),
-                       exp_inf)
-        _unflatten_into(params, theta, sizes)
-        _unflatten_into([state["exp_avg"] for state in states], exp_avg, sizes)
-        _unflatten_into([state["exp_inf"] for state in states], exp_inf, sizes)
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # m + (1 - b1)(g - m) = b1 m + (1 - b1) g
+        torch._foreach_mul_(exp_infs, beta2)
+        bounds = torch._foreach_abs(grads)
+        torch._foreach_add_(bounds, group["eps"])
+        torch._foreach_maximum_(exp_infs, bounds)  # u = max(b2 u, |g| + eps)
+        torch._foreach_addcdiv_(params, _scaled_steps(exp_avgs, step_counts, group["lr"], beta1), exp_infs)
 
 
-def _step_sizes(step_counts: list[torch.Tensor], lr: float, beta1: float, theta: torch.Tensor,
-                sizes: list[int]) -> torch.Tensor:
-    """lr / (1 − β₁^t) per element of the flat vector [N] (a scalar when all t are equal)."""
+def _scaled_steps(exp_avgs: list[torch.Tensor], step_counts: list[torch.Tensor], lr: float,
+                  beta1: float) -> list[torch.Tensor]:
+    """−lr / (1 − β₁^t) · m per parameter, the step size computed in float64 and rounded to m's dtype."""
     steps = torch.stack(step_counts).double()  # [n], on the CPU like torch's step counts
-    step_size = (lr / (1 - beta1 ** steps)).to(theta)  # [n], float64 rounded to theta's dtype
+    step_sizes = -(lr / (1 - beta1 ** steps)).to(exp_avgs[0])  # [n]
     if bool((steps == steps[0]).all()):
-        return step_size[0]
-    return torch.repeat_interleave(step_size, torch.tensor(sizes, device=theta.device),
-                                   output_size=theta.numel())  # [N]
-
-
-def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One new vector [Σ numel] holding the tensors' values one after another."""
-    return torch.cat([tensor.reshape(-1) for tensor in tensors])
-
-
-def _unflatten_into(targets: list[torch.Tensor], flat: torch.Tensor, sizes: list[int]) -> None:
-    """Copy consecutive pieces of `flat` [Σ sizes] back into `targets`, in place."""
-    pieces = [piece.view_as(target) for piece, target in zip(flat.split(sizes), targets)]
-    torch._foreach_copy_(targets, pieces)
+        return torch._foreach_mul(exp_avgs, step_sizes[0])
+    return torch._foreach_mul(exp_avgs, list(step_sizes.unbind()))
 
 
 def build_optimizer(params, lr: float, weight_decay: float, fast: bool) -> torch.optim.Optimizer:
