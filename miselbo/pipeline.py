@@ -11,6 +11,7 @@ Stages (one progress bar over them, each stage shows its own):
      (on CPU side by side, each a single-threaded child process logging to <out>/logs/q<s>.log;
      --parallel_stages 1 runs them one after another in this process; miselbo.parallel_stages)
   3. `miselbo_eval.py --checkpoints <all S> --ablation --save <out>/results`
+     (on CPU its batches split over the cores, `--world_size`; see --eval_processes)
 With `--joint OBJECTIVE` stage 2 is ONE run, `train.py --train_new_q ... --save joint
 --num_new_encoders S-1 --mixture_objective OBJECTIVE` (seeds seed_2, seed_2 + 1, ...), whose
 components <out>/eval-joint/component-k are members 2..S.

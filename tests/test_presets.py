@@ -43,12 +43,15 @@ def test_paper_is_the_published_recipe_flag_for_flag():
     assert set(_flag_names(PAPER.flags())) == set(PUBLISHED_MNIST_RECIPE)
 
 
-# The shipped q2 and q3 were trained before the demo preset shortened q2..qS: with p_and_q1's 8 epochs
-# and 10-sample final test (models/mnist5k_demo/README.md gives the command that repeats them).
-SHIPPED_NEW_ENCODER_FLAGS = ["--epochs", "8", "--final_iw_samples", "10"]
+# The shipped ensemble was trained before the demo preset got cheaper tests and shorter q2..qS: a
+# 10-sample final test and q2..qS with p_and_q1's 8 epochs (models/mnist5k_demo/README.md gives the
+# command that repeats them). Its per-epoch tests used all test digits, which trains the same
+# weights as the preset's subset (tests/test_main_job.py); that flag is not compared here.
+SHIPPED_TEST_FLAGS = ["--final_iw_samples", "10"]
+SHIPPED_NEW_ENCODER_FLAGS = [*SHIPPED_TEST_FLAGS, "--epochs", "8"]
 
 
-@pytest.mark.parametrize("member, extra", [("p_and_q1", []), ("q2", SHIPPED_NEW_ENCODER_FLAGS),
+@pytest.mark.parametrize("member, extra", [("p_and_q1", SHIPPED_TEST_FLAGS), ("q2", SHIPPED_NEW_ENCODER_FLAGS),
                                            ("q3", SHIPPED_NEW_ENCODER_FLAGS)])
 def test_demo_is_what_the_shipped_ensemble_was_trained_with(member, extra):
     # The shipped checkpoints record their train.py namespace (trusted: files of this repository).
@@ -70,8 +73,7 @@ def test_the_demo_trains_new_encoders_for_fewer_epochs_than_p_and_q1():
     first = build_parser().parse_args(demo.flags())
     later = build_parser().parse_args(demo.flags(new_encoder=True))
     assert (first.epochs, later.epochs) == (8, 4)
-    assert (first.final_iw_samples, later.final_iw_samples) == (10, 1)
-    assert vars(first) | {"epochs": 4, "final_iw_samples": 1} == vars(later)  # nothing else differs
+    assert vars(first) | {"epochs": 4} == vars(later)  # nothing else differs
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
