@@ -25,8 +25,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from miselbo.cli import UserError
+
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# More CPU processes than cores run no faster, and each holds its own models and data: a few per
+# core are allowed (tests oversubscribe small machines), a thousand are a typing mistake.
+CPU_PROCESSES_PER_CORE_LIMIT = 4
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,23 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def require_local_process_count(count: int, device_type: str, flag: str) -> None:
+    """Refuse to start `count` processes on this machine when it cannot hold them: more than one
+    per CUDA device, or more than CPU_PROCESSES_PER_CORE_LIMIT per CPU core."""
+    if device_type == "cuda":
+        devices = torch.cuda.device_count()
+        if count > devices:
+            raise UserError(f"{flag} {count} asks for one CUDA device per process, and this machine "
+                            f"has {devices}.")
+        return
+    cores = os.cpu_count() or 1
+    if count > CPU_PROCESSES_PER_CORE_LIMIT * cores:
+        raise UserError(f"{flag} {count} would start {count} processes on this machine's {cores} CPU "
+                        f"core(s); at most {CPU_PROCESSES_PER_CORE_LIMIT * cores} are allowed (each "
+                        f"holds its own copy of the models and data, and more processes than cores "
+                        f"run no faster). Use {flag} {cores} (one per core) or fewer.")
 
 
 def cpu_threads_per_process(processes_on_this_machine: int) -> int:

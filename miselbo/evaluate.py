@@ -63,6 +63,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.multiprocessing as mp
 
 from miselbo import distributed
 from miselbo.cli import USER_ERRORS, UserError, progress, require_positive, resolve_device
@@ -498,6 +499,7 @@ def evaluate(settings: EvalSettings, images: torch.Tensor | None = None) -> dict
             return _run_process(settings, _environment_setup(settings, device), images)
         if settings.world_size == 1:
             return _evaluate_here(settings, device, images)
+        distributed.require_local_process_count(settings.world_size, device.type, "--world_size")
         return _spawn(settings, device, images)
 
 
@@ -526,6 +528,8 @@ def _spawn(settings: EvalSettings, device: torch.device, images) -> dict:
     try:
         try:
             distributed.spawn_processes(worker, setups)
+        except mp.ProcessExitedException as err:  # killed by a signal, or exited without a report
+            raise UserError(_worker_exit_message(err, settings.world_size)) from None
         except Exception:
             errors = sorted(exchange.glob("error*.txt"))
             if errors:
@@ -534,6 +538,16 @@ def _spawn(settings: EvalSettings, device: torch.device, images) -> dict:
         return json.loads((exchange / "results.json").read_text(encoding="utf-8"))
     finally:
         shutil.rmtree(exchange, ignore_errors=True)
+
+
+def _worker_exit_message(err: "mp.ProcessExitedException", world_size: int) -> str:
+    """What to tell the user when an evaluation process ended without a result or an error."""
+    how = (f"was killed by {err.signal_name}" if err.signal_name else f"exited with status {err.exit_code}")
+    hint = (" SIGKILL usually means the machine ran out of memory: every process holds its own models and "
+            "data, so use a smaller --world_size (or --batch_size / --chunk_size)."
+            if err.signal_name == "SIGKILL" else "")
+    return (f"evaluation process {err.error_index} of {world_size} (--world_size) {how} before it finished; "
+            f"no results were written.{hint}")
 
 
 def _spawned_worker(settings: EvalSettings, images, exchange: Path, setup: distributed.DistributedSetup) -> None:

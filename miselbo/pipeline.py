@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from miselbo import evaluate, parallel_stages, stage_clock, stage_record, training
+from miselbo import distributed, evaluate, parallel_stages, stage_clock, stage_record, training
 from miselbo.checkpoints import CHECKPOINT_FILE_NAME, read_checkpoint
 from miselbo.cli import UserError, progress, require_positive, resolve_device, run_cli
 from miselbo.pipeline_export import export_ensemble, export_stoppable  # noqa: F401 (tests call them here)
@@ -387,6 +387,15 @@ def evaluation_processes(settings: PipelineSettings) -> int:
     return max(1, min(os.cpu_count() or 1, num_batches))
 
 
+def check_process_counts(settings: PipelineSettings) -> None:
+    """Refuse, before any stage runs, an --eval_processes or --parallel_stages this machine cannot hold."""
+    device_type = resolve_device(settings.device).type
+    distributed.require_local_process_count(evaluation_processes(settings), device_type, "--eval_processes")
+    if device_type == "cpu":  # side by side on CUDA, the stages share the device
+        width = parallel_width(settings, len(settings.stage_names()) - 1)
+        distributed.require_local_process_count(width, device_type, "--parallel_stages")
+
+
 def dry_run_text(settings: PipelineSettings) -> str:
     """The commands the job would run, shell-quoted, with comment lines: each stage's role, and for a
     stage already in --out what a real run would do with it. Reads, never writes."""
@@ -437,6 +446,7 @@ def train_stages(settings: PipelineSettings, bar) -> list:
 
 def run_pipeline(settings: PipelineSettings) -> int:
     """All stages in order; returns the evaluation's exit status."""
+    check_process_counts(settings)
     if settings.dry_run:
         print(dry_run_text(settings))
         return 0

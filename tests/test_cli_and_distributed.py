@@ -92,3 +92,15 @@ def test_two_gloo_processes_average_and_gather():
     for process in processes:
         process.join(timeout=60)
     assert results == [(0, 1.5, [0.0, 1.0, 1.0], True), (1, 1.5, [0.0, 1.0, 1.0], True)]
+
+
+def test_local_process_counts_a_machine_cannot_hold_are_refused_naming_the_flag(monkeypatch):
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: 2)
+    distributed.require_local_process_count(8, "cpu", "--world_size")  # 4 per core: allowed
+    with pytest.raises(UserError, match=r"--world_size 9 would start 9 processes on this machine's 2 CPU core"):
+        distributed.require_local_process_count(9, "cpu", "--world_size")
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)
+    distributed.require_local_process_count(1, "cuda", "--num_process_per_node")
+    with pytest.raises(UserError, match="--num_process_per_node 2 asks for one CUDA device per process, "
+                                        "and this machine has 1"):
+        distributed.require_local_process_count(2, "cuda", "--num_process_per_node")

@@ -225,6 +225,22 @@ def test_two_gloo_processes_equal_one_process(ensemble_dir, tmp_path):
     assert json.loads((tmp_path / "two" / "results.json").read_text())["world_size"] == 2
 
 
+def test_an_evaluation_process_killed_by_a_signal_is_named_not_a_traceback(ensemble_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    def killed(worker, setups):  # what torch.multiprocessing.spawn raises when a child is SIGKILLed
+        raise torch.multiprocessing.ProcessExitedException("process 1 terminated with signal SIGKILL",
+                                                           error_index=1, error_pid=12345, exit_code=-9,
+                                                           signal_name="SIGKILL")
+    monkeypatch.setattr("miselbo.evaluate.distributed.spawn_processes", killed)
+    argv = ["--checkpoints", str(ensemble_dir), "--num_iw_samples", "4", "--save", str(tmp_path / "o"),
+            "--world_size", "2", "--device", "cpu"]
+    status, err = _cli(argv, capsys)[::2]
+    assert status == 2 and "Traceback" not in err
+    assert "evaluation process 1 of 2 (--world_size) was killed by SIGKILL" in err
+    assert "ran out of memory" in err and "no results were written" in err
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
 def test_flows_report_the_inversion_residual(tmp_path):
     args, models = make_members(2, seed=30, num_nf=1)
     images = (torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0)) < 0.3).float()
@@ -358,6 +374,7 @@ def test_a_fingerprint_the_weights_do_not_reproduce_is_refused(ensemble_dir, tmp
     (["--dataset", "celeba_64"], "does not support it"),
     (["--dataset", "cifar10"], "3-channel 32x32 images but the checkpoints' model (mnist) takes 1-channel"),
     (["--only_miselbo", "--only_iwelbo"], "exclude each other"),
+    (["--world_size", "1000000000", "--device", "cpu"], "--world_size 1000000000 would start 1000000000 processes"),
 ])
 def test_bad_flags(ensemble_dir, tmp_path, capsys, flags, fragment):
     argv = ["--checkpoints", str(ensemble_dir), "--num_iw_samples", "4", "--save", str(tmp_path / "o"), *flags]

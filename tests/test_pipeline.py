@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from miselbo import pipeline, stage_record
+from miselbo import distributed, pipeline, stage_record
 from miselbo.checkpoints import read_checkpoint
 from miselbo.cli import UserError
 from miselbo.evaluate import main as evaluate_main
@@ -140,6 +140,19 @@ def test_evaluation_processes_and_the_matched_baseline_follow_the_flags_and_the_
     assert evaluation("--device", "cpu")[0] == 1
     with pytest.raises(UserError, match="--eval_processes must be auto or a whole number"):
         pipeline.parse_settings(["--eval_processes", "0"])
+
+
+def test_process_counts_the_machine_cannot_hold_are_refused_before_any_stage(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: 2)
+    base = ["--out", str(tmp_path / "run"), "--device", "cpu", "--num_encoders", "20"]
+    for flag in ("--eval_processes", "--parallel_stages"):
+        assert pipeline.main([*base, flag, "1000000000"]) == 2
+        error = capsys.readouterr().err
+        assert f"{flag} " in error and "would start" in error and "Traceback" not in error
+        assert pipeline.main([*base, flag, "1000000000", "--dry_run"]) == 2
+        capsys.readouterr()
+    assert not (tmp_path / "run").exists()
+    assert pipeline.main([*base, "--parallel_stages", "8", "--eval_processes", "8", "--dry_run"]) == 0
 
 
 def test_a_one_sample_final_test_is_reported_as_a_nelbo_only():

@@ -218,6 +218,8 @@ def test_refusals_exit_2_with_a_clear_message(parent, tmp_path, capsys):
         (run_args(tmp_path, "x", "--param_check"), "needs --train_new_q"),
         (run_args(tmp_path, "x", "--device", "gpu0"), "not a device name"),
         (run_args(tmp_path, "x", "--num_train_examples", "8"), "no full batch of 16"),
+        (run_args(tmp_path, "x", "--device", "cpu", "--num_process_per_node", "1000000"),
+         "--num_process_per_node 1000000 would start 1000000 processes"),
     ]
     for argv, phrase in cases:
         _refusal(capsys, argv, phrase)

@@ -95,9 +95,7 @@ def resume_command(argv: Sequence[str]) -> str:
 
 def _node_setups(run_args, device: torch.device) -> list[DistributedSetup]:
     per_node, nodes = run_args.num_process_per_node, run_args.num_proc_node
-    if device.type == "cuda" and per_node > torch.cuda.device_count():
-        raise UserError(f"--num_process_per_node {per_node} asks for more CUDA devices than this "
-                        f"machine has ({torch.cuda.device_count()}).")
+    distributed.require_local_process_count(per_node, device.type, "--num_process_per_node")
     if per_node * nodes == 1:
         return [DistributedSetup(device_type=device.type)]
     port = int(os.environ.get("MASTER_PORT") or 0) or (
