@@ -58,13 +58,15 @@ STEP_INDEX = 100  # a global step past the (here irrelevant) learning-rate warm-
 MODES = ("full", "new_q")
 
 
-def build_step_parts(mode: str, device: torch.device, parent: AutoEncoder | None = None, seed: int = 1):
-    """(StepParts, model) for a full step (seed 0) or a new-encoder step (`seed`, parent's decoder)."""
-    args = build_parser().parse_args(MNIST_PAPER_FLAGS)
+def build_step_parts(mode: str, device: torch.device, parent: AutoEncoder | None = None, seed: int = 1,
+                     flags: list[str] = MNIST_PAPER_FLAGS):
+    """(StepParts, model) for a full step (seed 0) or a new-encoder step (`seed`, parent's decoder),
+    of the model and schedule train.py `flags` give (default: the paper recipe's)."""
+    args = build_parser().parse_args(flags)
     torch.manual_seed(0 if mode == "full" else seed)
     model = AutoEncoder(args, None, get_arch_cells(args.arch_instance))
     if mode == "new_q":
-        parent = parent or build_step_parts("full", torch.device("cpu"))[1]
+        parent = parent or build_step_parts("full", torch.device("cpu"), flags=flags)[1]
         adopt_decoder(model, Parent(Path("<parent in memory>"), parent.decoder_fingerprint(),
                                     {k: v for k, v in parent.state_dict().items() if is_decoder_key(k)}))
         trainable, layers = model.encoder_parameters(), RegularisedLayers.encoder_of(model)

@@ -8,8 +8,8 @@
   that all have the architecture of the first (naming the flags that differ) and the same decoder
   fingerprint (naming the checkpoints that differ), then makes every member use the first member's
   decoder modules, so memory holds one decoder.
-* `use_fast_cpu_layout(models)`: on CPU, puts the models' weights in channels-last layout (for
-  evaluation; the values agree with the default layout to float rounding).
+* `use_fast_cpu_layout(models)` (from miselbo.cpu_layout): on CPU, puts the models' weights in
+  channels-last layout (the values agree with the default layout to float rounding).
 
 Data-set names: our checkpoints store NVAE's name in `args.dataset` ('mnist') and the data set the
 run read in `args.miselbo_dataset` ('mnist5k'); a file that stores 'mnist5k' in `args.dataset` is
@@ -29,6 +29,7 @@ from miselbo.checkpoints import (CHECKPOINT_FILE_NAME, CheckpointError, build_nv
                                  checkpoint_decoder_fingerprint, load_nvae_checkpoint,
                                  require_same_architecture)
 from miselbo.cli import UserError
+from miselbo.cpu_layout import use_fast_cpu_layout  # noqa: F401 (evaluation's import of it)
 from miselbo.data import NVAE_EQUIVALENT
 from miselbo.ensemble import share_decoder
 from miselbo.nvae.model import AutoEncoder
@@ -172,18 +173,3 @@ def load_members(paths: Sequence[str | Path], device: torch.device | str = "cpu"
             f"--p_and_q1_path ...), or pass --allow_decoder_mismatch to use the first checkpoint's decoder "
             f"for every member anyway.")
     return loaded
-
-
-def use_fast_cpu_layout(models: Sequence[AutoEncoder]) -> None:
-    """Put the 4-d weights of CPU models in channels-last layout, in place; CUDA models are left alone.
-
-    PyTorch's CPU (oneDNN) convolutions with few channels run faster when the weights are
-    channels-last; `python benchmarks/cpu_layout.py` times the shipped ensemble's evaluation batches
-    in both layouts on one machine and prints the ratio. Every activation after the first
-    convolution follows the weights' layout; values change only by float rounding
-    (tests/test_ensemble_reduced.py compares both layouts). Training keeps the default layout, so trained
-    weights stay bit-identical to earlier versions.
-    """
-    for model in models:
-        if next(model.parameters()).device.type == "cpu":
-            model.to(memory_format=torch.channels_last)

@@ -66,6 +66,23 @@ def test_a_few_training_steps_lower_the_loss():
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
 
 
+def test_cpu_training_runs_channels_last_and_differs_from_the_default_layout_only_by_rounding(
+        parent, tmp_path, monkeypatch):
+    root, result = parent  # trained channels-last, as every CPU run
+    layouts = []
+    monkeypatch.setattr("miselbo.training.run.use_fast_cpu_layout",
+                        lambda models: layouts.append([m.stem.weight.is_contiguous() for m in models]))
+    default = training.train(run_args(tmp_path, "p_and_q1"))  # the same run, default layout
+    assert layouts == [[True]]  # the hook was reached, and it left the weights as they were
+    ours = load_raw(result.save_dir / "checkpoint.pt")["state_dict"]
+    plain = load_raw(default.save_dir / "checkpoint.pt")["state_dict"]
+    four_d = [key for key, value in ours.items() if value.dim() == 4]
+    assert four_d and all(ours[key].is_contiguous(memory_format=torch.channels_last) for key in four_d)
+    assert not all(torch.equal(ours[key], plain[key]) for key in ours)  # another rounding...
+    for key in ours:  # ... and nothing more, after 8 updates
+        assert torch.allclose(ours[key].float(), plain[key].float(), rtol=1e-3, atol=1e-4), key
+
+
 def test_checkpoint_has_nvae_keys_loads_strictly_and_records_the_run(parent):
     root, result = parent
     assert result.global_step == 2 * STEPS_PER_EPOCH and result.epochs == 2

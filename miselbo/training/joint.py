@@ -32,6 +32,7 @@ from miselbo import distributed
 from miselbo.checkpoints import (CheckpointError, load_nvae_checkpoint, load_state_dict_strict,
                                  read_checkpoint)
 from miselbo.cli import progress as progress_bar
+from miselbo.cpu_layout import use_fast_cpu_layout
 from miselbo.data import derived_seed, num_output_dims, pre_process, start_epoch
 from miselbo.distributed import DistributedSetup
 from miselbo.ensemble import share_decoder
@@ -187,6 +188,7 @@ class JointSession:
             parent = _parent_member(lineages[0].parent_path, args.trust_checkpoint, models[0]).to(device)
         components = [cls._component(args, index, model.to(device), lineage, settings)
                       for index, (model, lineage) in enumerate(zip(models, lineages), start=1)]
+        use_fast_cpu_layout([component.model for component in components] + ([parent] if parent else []))
         scaler = torch.amp.GradScaler(device.type, init_scale=GRAD_SCALER_INIT_SCALE,
                                       enabled=device.type == "cuda")
         progress, saved_step = Progress(), None
