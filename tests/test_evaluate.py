@@ -19,7 +19,8 @@ from miselbo.data import DataError
 from miselbo.ensemble import Ensemble
 from miselbo.ensemble_loading import discover_demo_ensemble, load_members, use_fast_cpu_layout
 from miselbo.eval_data import STREAM_DRAWS, EvaluationExamples, derived_seed
-from miselbo.evaluate import (EvalSettings, FlowInversionError, _shard_batches, build_parser, evaluate, main,
+from miselbo.eval_shard import shard_batches
+from miselbo.evaluate import (EvalSettings, FlowInversionError, build_parser, evaluate, main,
                               settings_from_args)
 from miselbo.data import load_dataset
 from miselbo.results import ValuePlan, summarise
@@ -207,7 +208,7 @@ def test_binarisation_is_fixed_by_seed_and_index():
 
 def test_shards_are_whole_batches_covering_every_example_once():
     for world_size in (1, 2, 3):
-        shards = [_shard_batches(10, 4, rank, world_size) for rank in range(world_size)]
+        shards = [shard_batches(10, 4, rank, world_size) for rank in range(world_size)]
         batches = sorted(batch for shard in shards for batch in shard)
         assert batches == [(0, 4), (4, 8), (8, 10)]
 
