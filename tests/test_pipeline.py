@@ -285,3 +285,8 @@ def test_an_unreadable_stage_record_is_a_user_error(tmp_path):
     (tmp_path / "eval-p_and_q1").mkdir()
     with pytest.raises(UserError, match="pipeline_stages.json"):
         pipeline.changed_stages(pipeline.parse_settings(["--preset", "tiny", "--out", str(tmp_path)]))
+
+
+def test_the_help_text_opens_with_the_module_docstring():
+    first_paragraph = " ".join(pipeline.__doc__.split("\n\n")[0].split())
+    assert pipeline.build_parser().description == first_paragraph
