@@ -5,7 +5,7 @@ One run per ensemble size S, with the same model, the same batch and the same z 
   (a) public: for each source s and each of the L samples, one at a time, a full forward pass of
       member s with its draw (bottom-up + top-down + output head + likelihood), then a full forward
       pass of every other member j with the sample injected: S*S*L passes of B rows
-      (`miselbo.ensemble.naive_log_weights`, the public MISELBO script's algorithm);
+      (`miselbo.naive_ensemble.naive_log_weights`, the public MISELBO script's algorithm);
   (b) ours: `Ensemble.log_weights` (S bottom-up passes, S*L samples through batched decoder passes
       with all S posterior heads per group);
   (c) floor: the S*L decoder top-down passes alone (prior densities and output likelihood included),
@@ -63,7 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from miselbo.cli import resolve_device  # noqa: E402
 from miselbo.data import load_dataset  # noqa: E402
-from miselbo.ensemble import Ensemble, default_chunk_size, naive_log_weights, share_decoder  # noqa: E402
+from miselbo.ensemble import Ensemble, default_chunk_size  # noqa: E402
+from miselbo.naive_ensemble import naive_log_weights  # noqa: E402
+from miselbo.shared_decoder import share_decoder  # noqa: E402
 from miselbo.eval_data import EvaluationExamples  # noqa: E402
 from miselbo.nvae.config import get_arch_cells  # noqa: E402
 from miselbo.nvae.distributions import Normal, reconstruction_loss  # noqa: E402

@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_speed import measured  # noqa: E402
 from miselbo.cli import resolve_device  # noqa: E402
 from miselbo.data import load_dataset  # noqa: E402
-from miselbo.ensemble import Ensemble, share_decoder  # noqa: E402
+from miselbo.ensemble import Ensemble  # noqa: E402
+from miselbo.shared_decoder import share_decoder  # noqa: E402
 from miselbo.eval_data import EvaluationExamples  # noqa: E402
 from miselbo.nvae.config import get_arch_cells  # noqa: E402
 from miselbo.nvae.model import AutoEncoder  # noqa: E402

@@ -48,7 +48,7 @@ from miselbo.training.objective import RegularisedLayers  # noqa: E402
 from miselbo.training.options import build_parser  # noqa: E402
 from miselbo.training.settings import TrainSettings  # noqa: E402
 from miselbo.training.stop import StepGuard, StopRequests  # noqa: E402
-from miselbo.ensemble import share_decoder  # noqa: E402
+from miselbo.shared_decoder import share_decoder  # noqa: E402
 from miselbo.training.joint_objective import JointSpec  # noqa: E402
 from miselbo.training.joint_step import Component, JointStep, joint_train_step  # noqa: E402
 

@@ -40,15 +40,16 @@ log q_j(z*) = log N_j(f_j^-1(z*)); the source's own density uses its own pre-flo
 The largest inversion residual is returned with the member and group where it occurred. Later
 groups' heads see the states the decoder computed from the post-flow z, as in the decoder itself.
 
-Memory holds one decoder: `share_decoder` makes the members use member 0's decoder modules, so the
-others' decoders can be freed (`miselbo.evaluate` does this right after loading each checkpoint).
+Memory holds one decoder: `miselbo.shared_decoder.share_decoder` makes the members use member 0's
+decoder modules, so the others' decoders can be freed (`miselbo.ensemble_loading` does this right
+after loading each checkpoint).
 Compute is float32 without autocast; log-densities are summed per group in float32 and accumulated
 over groups in float64. Draws come from the `generator` passed in (deterministic for its seed; the
 draws depend on the chunk size, since each pass draws one tensor per group).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import math
@@ -59,10 +60,11 @@ import torch.nn.functional as F
 
 from miselbo.checkpoints import architecture_differences
 from miselbo.nvae.distributions import Normal, reconstruction_loss
-from miselbo.nvae.model import DECODER_MODULE_NAMES, AutoEncoder, EncoderFeatures
+from miselbo.nvae.model import AutoEncoder, EncoderFeatures
+from miselbo.shared_decoder import uses_shared_decoder
 
-__all__ = ["Ensemble", "EnsembleLogWeights", "ReducedLogWeights", "share_decoder", "uses_shared_decoder",
-           "default_chunk_size", "naive_log_weights", "DEFAULT_PASS_ROWS", "stacked_head", "head_base"]
+__all__ = ["Ensemble", "EnsembleLogWeights", "ReducedLogWeights", "default_chunk_size", "DEFAULT_PASS_ROWS",
+           "stacked_head", "head_base"]
 
 # Rows (chunk x batch) of one decoder pass when no chunk size is given. On the 2-core CPU used for
 # development the per-row cost of the NVAE MNIST decoder rises beyond ~32 rows (cache), while GPUs
@@ -74,36 +76,6 @@ def default_chunk_size(batch_size: int, num_samples: int, device: torch.device) 
     """Samples per example in one decoder pass: DEFAULT_PASS_ROWS[device] // batch_size, in [1, L]."""
     rows = DEFAULT_PASS_ROWS.get(torch.device(device).type, DEFAULT_PASS_ROWS["cuda"])
     return max(1, min(num_samples, rows // max(1, batch_size)))
-
-
-# ----------------------------------------------------------------------------- the shared decoder
-
-def _decoder_parts(model: AutoEncoder) -> dict:
-    """name -> module or parameter of every decoder part the model has."""
-    parts = {}
-    for name in DECODER_MODULE_NAMES:
-        value = getattr(model, name, None)
-        if isinstance(value, (nn.Module, nn.Parameter)):
-            parts[name] = value
-    return parts
-
-
-def share_decoder(source: AutoEncoder, target: AutoEncoder) -> None:
-    """Make `target` use `source`'s decoder modules and prior_ftr0 (the very objects), in place.
-
-    Afterwards the target's own decoder is unreferenced and freed; its encoder is untouched, and
-    its forward passes score with the shared decoder. The layer lists (all_conv_layers, ...) are
-    rebuilt so they do not keep the old decoder alive.
-    """
-    for name, part in _decoder_parts(source).items():
-        setattr(target, name, part)
-    target._collect_layers()
-
-
-def uses_shared_decoder(a: AutoEncoder, b: AutoEncoder) -> bool:
-    """True when a and b hold the very same decoder objects (see share_decoder)."""
-    parts_a, parts_b = _decoder_parts(a), _decoder_parts(b)
-    return parts_a.keys() == parts_b.keys() and all(parts_a[k] is parts_b[k] for k in parts_a)
 
 
 # ----------------------------------------------------------------------------- results
@@ -496,44 +468,6 @@ class Ensemble:
             if tuple(tensor.shape) != expected:
                 raise ValueError(f"log_weights: latents[{group}] must have shape {expected} = [B, S, L, "
                                  f"*latent_shape], got {tuple(tensor.shape)}")
-
-
-# ----------------------------------------------------------------------------- the slow reference
-
-@torch.no_grad()
-def naive_log_weights(members: Sequence[AutoEncoder], x: torch.Tensor, latents_pre: Sequence[torch.Tensor],
-                      check_post=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """log_p [B, S, L], log_q [B, S, L, S] (float64, CPU) by S*S*L full forward passes, one sample at a
-    time: the public MISELBO algorithm, except that foreign members' flows are inverted (the public
-    code scored them at the wrong point).
-
-    For source s and sample l: member s's full forward pass with its pre-flow draw
-    latents_pre[g][:, s, l] gives log p(x, z) and log q_s; for every other member j, a full forward
-    pass with z_pre = f_j^-1(z*) (j's inverse flows at the source's post-flow z*) gives log q_j.
-    All members must score with the same decoder. check_post(g, reproduced, expected), if given,
-    receives j's post-flow z and the source's (they should agree). For tests and benchmarks.
-    """
-    batch, num_members, num_samples = latents_pre[0].shape[:3]
-    log_p = torch.zeros(batch, num_members, num_samples, dtype=torch.float64)
-    log_q = torch.zeros(batch, num_members, num_samples, num_members, dtype=torch.float64)
-    for source in range(num_members):
-        for sample in range(num_samples):
-            own = members[source].forward_detailed(x, z=[z[:, source, sample] for z in latents_pre])
-            output = members[source].decoder_output(own.logits)
-            recon = reconstruction_loss(output, x, members[source].crop_output)
-            log_p[:, source, sample] = (-recon + own.log_p).double().cpu()
-            log_q[:, source, sample, source] = own.log_q.double().cpu()
-            post = [record.z_post for record in own.groups]
-            for other in range(num_members):
-                if other == source:
-                    continue
-                pre = [members[other].invert_flows(group, z)[0] for group, z in enumerate(post)]
-                scored = members[other].forward_detailed(x, z=pre)
-                if check_post is not None:
-                    for group, record in enumerate(scored.groups):
-                        check_post(group, record.z_post, post[group])
-                log_q[:, source, sample, other] = scored.log_q.double().cpu()
-    return log_p, log_q
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -31,7 +31,7 @@ from miselbo.checkpoints import (CHECKPOINT_FILE_NAME, CheckpointError, build_nv
 from miselbo.cli import UserError
 from miselbo.cpu_layout import use_fast_cpu_layout  # noqa: F401 (evaluation's import of it)
 from miselbo.data import NVAE_EQUIVALENT
-from miselbo.ensemble import share_decoder
+from miselbo.shared_decoder import share_decoder
 from miselbo.nvae.model import AutoEncoder
 
 MANIFEST_FILE_NAME = "manifest.json"

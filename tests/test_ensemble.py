@@ -13,7 +13,9 @@ from conftest import golden_case_dir
 from ensemble_helpers import binary_batch, build_model, make_members, one_torch_thread, tiny_args  # noqa: F401
 from miselbo import estimators as est
 from miselbo.checkpoints import load_nvae_checkpoint
-from miselbo.ensemble import Ensemble, default_chunk_size, naive_log_weights, share_decoder, uses_shared_decoder
+from miselbo.ensemble import Ensemble, default_chunk_size
+from miselbo.naive_ensemble import naive_log_weights
+from miselbo.shared_decoder import share_decoder, uses_shared_decoder
 from miselbo.nvae.model import AutoEncoder
 
 CONFIGS = {

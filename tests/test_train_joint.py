@@ -14,7 +14,7 @@ import torch
 from miselbo import training
 from miselbo.checkpoints import load_nvae_checkpoint
 from miselbo.cli import UserError
-from miselbo.ensemble import share_decoder
+from miselbo.shared_decoder import share_decoder
 from miselbo.nvae.config import get_arch_cells
 from miselbo.nvae.distributions import reconstruction_loss
 from miselbo.nvae.model import AutoEncoder

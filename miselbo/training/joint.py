@@ -35,7 +35,7 @@ from miselbo.cli import progress as progress_bar
 from miselbo.cpu_layout import use_fast_cpu_layout
 from miselbo.data import derived_seed, num_output_dims, pre_process, start_epoch
 from miselbo.distributed import DistributedSetup
-from miselbo.ensemble import share_decoder
+from miselbo.shared_decoder import share_decoder
 from miselbo.nvae.config import get_arch_cells
 from miselbo.nvae.model import AutoEncoder
 from miselbo.nvae.objectives import kl_balance_alpha
