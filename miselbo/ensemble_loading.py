@@ -8,8 +8,6 @@
   that all have the architecture of the first (naming the flags that differ) and the same decoder
   fingerprint (naming the checkpoints that differ), then makes every member use the first member's
   decoder modules, so memory holds one decoder.
-* `use_fast_cpu_layout(models)` (from miselbo.cpu_layout): on CPU, puts the models' weights in
-  channels-last layout (the values agree with the default layout to float rounding).
 
 Data-set names: our checkpoints store NVAE's name in `args.dataset` ('mnist') and the data set the
 run read in `args.miselbo_dataset` ('mnist5k'); a file that stores 'mnist5k' in `args.dataset` is
@@ -29,7 +27,6 @@ from miselbo.checkpoints import (CHECKPOINT_FILE_NAME, CheckpointError, build_nv
                                  checkpoint_decoder_fingerprint, load_nvae_checkpoint,
                                  require_same_architecture)
 from miselbo.cli import UserError
-from miselbo.cpu_layout import use_fast_cpu_layout  # noqa: F401 (evaluation's import of it)
 from miselbo.data import NVAE_EQUIVALENT
 from miselbo.shared_decoder import share_decoder
 from miselbo.nvae.model import AutoEncoder

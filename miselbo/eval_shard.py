@@ -57,8 +57,8 @@ def check_flow_residual(weights, limit: float, paths: Sequence, start: int) -> N
 
 
 def evaluate_shard(ensemble: Ensemble, examples: EvaluationExamples, plan: report.ValuePlan,
-                    settings: "EvalSettings", batches, device: torch.device, show: bool | None,
-                    paths: Sequence = ()) -> ShardValues:
+                   settings: "EvalSettings", batches, device: torch.device, show: bool | None,
+                   paths: Sequence = ()) -> ShardValues:
     shard = ShardValues()
     shown_column = 0  # miselbo, or s2a / s2s when only those are computed
     shown_name = plan.columns()[shown_column][1]
@@ -94,7 +94,7 @@ def active_subsets(batch: int, num_members: int, num_active: int, seed: int, sta
 
 
 def batch_weights(ensemble: Ensemble, x: torch.Tensor, plan: report.ValuePlan, settings: "EvalSettings",
-                   start: int, draws: torch.Generator):
+                  start: int, draws: torch.Generator):
     """The batch's ReducedLogWeights with what the plan needs (subsets, prefix mixtures, extra draws)."""
     active = None
     if plan.subset_estimators:

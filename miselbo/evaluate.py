@@ -67,6 +67,7 @@ import torch.multiprocessing as mp
 
 from miselbo import distributed
 from miselbo.cli import USER_ERRORS, UserError, require_positive, resolve_device
+from miselbo.cpu_layout import use_fast_cpu_layout
 from miselbo.data import check_dataset_name, num_output_dims
 from miselbo.ensemble import Ensemble, default_chunk_size
 from miselbo.finite import NonFiniteEvaluation, no_distribution_validation, require_finite_rows
@@ -75,9 +76,9 @@ from miselbo.result_set import ResultSet
 from miselbo.run_lock import hold_run_lock
 from miselbo.stop_signals import StopSignal, signals_raise
 from miselbo.ensemble_loading import (LoadedMembers, discover_demo_folder, expand_checkpoint_paths, load_members,
-                                      read_eval_defaults, read_manifest, use_fast_cpu_layout)
+                                      read_eval_defaults, read_manifest)
 from miselbo.eval_data import EvaluationExamples, evaluation_examples
-from miselbo.eval_shard import FlowInversionError, evaluate_shard, gather_shard, shard_batches  # noqa: F401
+from miselbo.eval_shard import evaluate_shard, gather_shard, shard_batches
 from miselbo.nvae.distributions import output_image
 from miselbo import results as report
 

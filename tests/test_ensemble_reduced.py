@@ -184,7 +184,7 @@ def test_stacked_heads_follow_weight_changes():
 
 def test_channels_last_layout_gives_the_same_weights():
     """use_fast_cpu_layout (evaluation on CPU) changes only the float rounding of every weight."""
-    from miselbo.ensemble_loading import use_fast_cpu_layout
+    from miselbo.cpu_layout import use_fast_cpu_layout
     _args, models = make_members(3, seed=5, num_channels_enc=8, num_channels_dec=8)
     x = binary_batch(models[0], 4)
     default = Ensemble(models).reduced_weights(x, 3, torch.Generator().manual_seed(1), 2, extra_own_samples=3)

@@ -17,10 +17,11 @@ from miselbo.checkpoints import save_nvae_checkpoint
 from miselbo.cli import UserError, run_cli
 from miselbo.data import DataError
 from miselbo.ensemble import Ensemble
-from miselbo.ensemble_loading import discover_demo_ensemble, load_members, use_fast_cpu_layout
+from miselbo.cpu_layout import use_fast_cpu_layout
+from miselbo.ensemble_loading import discover_demo_ensemble, load_members
 from miselbo.eval_data import STREAM_DRAWS, EvaluationExamples, derived_seed
-from miselbo.eval_shard import shard_batches
-from miselbo.evaluate import (EvalSettings, FlowInversionError, build_parser, evaluate, main,
+from miselbo.eval_shard import FlowInversionError, shard_batches
+from miselbo.evaluate import (EvalSettings, build_parser, evaluate, main,
                               settings_from_args)
 from miselbo.data import load_dataset
 from miselbo.results import ValuePlan, summarise
