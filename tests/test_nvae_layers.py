@@ -50,6 +50,38 @@ def test_conv_without_weight_norm_registers_one_parameter_under_two_names():
     torch.testing.assert_close(conv(x), F.conv2d(x, newer_weight.double()))
 
 
+def test_frozen_conv_reuses_its_normalised_weight_until_a_parameter_changes():
+    torch.manual_seed(0)
+    conv = Conv2D(3, 4, 3, padding=1, bias=True)
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)  # gradients still flow to the input
+    conv(x)
+    trained = conv.weight_normalized
+    conv(x)
+    assert conv.weight_normalized is not trained  # a trained layer rebuilds it (and its graph)
+    conv.requires_grad_(False)
+    conv(x)
+    cached = conv.weight_normalized
+    conv(x).sum().backward()
+    assert conv.weight_normalized is cached and x.grad is not None
+    with torch.no_grad():
+        conv.log_weight_norm.add_(0.5)  # an in-place change (optimiser, load_state_dict)
+    out = conv(x)
+    assert conv.weight_normalized is not cached
+    expected = _manual_weight_norm(conv.weight.detach(), conv.log_weight_norm.detach())
+    torch.testing.assert_close(conv.weight_normalized, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out, F.conv2d(x, expected, conv.bias, padding=1), rtol=1e-5, atol=1e-6)
+    conv.load_state_dict({key: value * 2 for key, value in conv.state_dict().items()})
+    conv(x)
+    torch.testing.assert_close(conv.weight_normalized,
+                               _manual_weight_norm(conv.weight.detach(), conv.log_weight_norm.detach()))
+    conv.to(memory_format=torch.channels_last)  # new tensors: recomputed in the new layout
+    conv(x)
+    assert conv.weight_normalized.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        conv(x.detach())
+    conv(x).sum().backward()  # not the inference-mode weight, which backward could not save
+
+
 def test_conv_deepcopies_after_a_forward_with_gradients():
     conv = Conv2D(2, 3, 3, padding=1, bias=True)
     conv(torch.randn(1, 2, 4, 4)).sum().backward()

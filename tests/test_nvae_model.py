@@ -526,3 +526,16 @@ def test_batchnorm_regulariser_sums_the_largest_absolute_scale_per_layer():
     torch.testing.assert_close(model.batchnorm_loss(subset).detach(),
                                sum(layer.weight.detach().abs().max() for layer in subset))
     assert model.batchnorm_loss([]).item() == 0.0
+
+
+def test_batchnorm_regulariser_gradient_shares_ties_like_a_per_layer_max():
+    model = _build(_args("mbconv_res"))  # fresh: every scale is 1, so each layer's max is a tie
+    with torch.no_grad():
+        model.all_bn_layers[0].weight[0] = -3.0  # one layer with a single largest |gamma|
+    model.batchnorm_loss().backward()
+    ours = [layer.weight.grad.clone() for layer in model.all_bn_layers]
+    model.zero_grad()
+    sum(torch.max(torch.abs(layer.weight)) for layer in model.all_bn_layers).backward()
+    for layer, grad in zip(model.all_bn_layers, ours):
+        torch.testing.assert_close(grad, layer.weight.grad, rtol=0, atol=1e-7)
+    assert ours[0][0].item() == -1.0 and ours[1].sum().item() == pytest.approx(1.0)

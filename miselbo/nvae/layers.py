@@ -28,8 +28,9 @@ SE_REDUCTION = 16
 
 
 def _filter_norms(weight: torch.Tensor) -> torch.Tensor:
-    """||w_o|| per output filter, [C_out, 1, 1, 1]."""
-    return torch.sqrt(torch.sum(weight * weight, dim=(1, 2, 3))).view(-1, 1, 1, 1)
+    """||w_o|| per output filter, [C_out, 1, 1, 1] (one fused norm: fewer autograd nodes than
+    sqrt(sum(w * w)), same value up to float rounding)."""
+    return torch.linalg.vector_norm(weight, dim=(1, 2, 3), keepdim=True)
 
 
 def _all_reduce_mean(tensor: torch.Tensor) -> None:
@@ -50,6 +51,9 @@ class Conv2D(nn.Conv2d):
     With weight_norm=False, w_hat = w and, as in NVAE, the same Parameter is also registered as
     `weight_normalized` (two state_dict entries, one parameter). With data_init=True the first
     forward sets bias and log_weight_norm from the data unless weights were loaded (docs/nvae.md 3.2).
+    A frozen layer (neither parameter requires a gradient: the decoder of --train_new_q) reuses
+    w_hat until a parameter changes in place (torch.no_grad() updates, load_state_dict) or is
+    replaced (.to()); a change made through `.data`, which autograd does not track, is not seen.
     """
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int = 1, padding: int = 0,
@@ -74,15 +78,32 @@ class Conv2D(nn.Conv2d):
         """w_hat = exp(log_weight_norm) * w / (||w_o|| + 1e-5), or w itself without weight norm."""
         if not self.weight_norm:
             return self.weight
-        return torch.exp(self.log_weight_norm) * self.weight / (_filter_norms(self.weight) + WEIGHT_NORM_EPS)
+        scale = torch.exp(self.log_weight_norm) / (_filter_norms(self.weight) + WEIGHT_NORM_EPS)  # [C_out, 1, 1, 1]
+        return self.weight * scale  # one product of the full weight, forward and backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.init_done:
             self.initialize_from_data(x)
-        if self.weight_norm:
+        if self.weight_norm and not self._normalized_weight_is_current():
             self.weight_normalized = self.normalize_weight()  # read by the spectral regulariser
+            self._frozen_key = self._frozen_weight_key()
         return F.conv2d(x, self.weight_normalized, self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
+
+    def _frozen_weight_key(self) -> tuple | None:
+        """What weight_normalized was computed from, for a frozen layer (neither parameter requires
+        a gradient, e.g. the decoder of --train_new_q); None for a trained layer, whose normalised
+        weight must be recomputed at every forward to carry the graph."""
+        if self.weight.requires_grad or self.log_weight_norm.requires_grad:
+            return None
+        # in-place changes bump _version; .to() and load_state_dict(assign=True) change data_ptr;
+        # a weight made under inference_mode cannot be saved for a later backward
+        return (self.weight._version, self.log_weight_norm._version, self.weight.data_ptr(),
+                self.log_weight_norm.data_ptr(), self.weight.dtype, torch.is_inference_mode_enabled())
+
+    def _normalized_weight_is_current(self) -> bool:
+        key = getattr(self, "_frozen_key", None)
+        return key is not None and key == self._frozen_weight_key()
 
     def initialize_from_data(self, x: torch.Tensor) -> None:
         """bias = -m / (st + 1e-5), log_weight_norm = -ln(st + 1e-5), where m and st = 5 std are the
