@@ -84,9 +84,11 @@ class Conv2D(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.init_done:
             self.initialize_from_data(x)
-        if self.weight_norm and not self._normalized_weight_is_current():
-            self.weight_normalized = self.normalize_weight()  # read by the spectral regulariser
-            self._frozen_key = self._frozen_weight_key()
+        if self.weight_norm:
+            key = self._frozen_weight_key()
+            if key is None or key != getattr(self, "_frozen_key", None):
+                self.weight_normalized = self.normalize_weight()  # read by the spectral regulariser
+                self._frozen_key = key
         return F.conv2d(x, self.weight_normalized, self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
 
@@ -100,10 +102,6 @@ class Conv2D(nn.Conv2d):
         # a weight made under inference_mode cannot be saved for a later backward
         return (self.weight._version, self.log_weight_norm._version, self.weight.data_ptr(),
                 self.log_weight_norm.data_ptr(), self.weight.dtype, torch.is_inference_mode_enabled())
-
-    def _normalized_weight_is_current(self) -> bool:
-        key = getattr(self, "_frozen_key", None)
-        return key is not None and key == self._frozen_weight_key()
 
     def initialize_from_data(self, x: torch.Tensor) -> None:
         """bias = -m / (st + 1e-5), log_weight_norm = -ln(st + 1e-5), where m and st = 5 std are the
