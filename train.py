@@ -3,12 +3,12 @@
 NVAE's evaluate.py imports `test`, `init_processes` and `test_vae_fid` from here. Importing this
 file has one side effect: plain `torch.load(path)` (weights_only, torch >= 2.6) accepts the one
 non-tensor type NVAE checkpoints hold, argparse.Namespace, so NVAE's evaluate.py reads them; every
-other type stays refused (miselbo.nvae_clone). The work is in miselbo.training.
+other type stays refused (miselbo.storage.checkpoints). The work is in miselbo.training.
 """
 import sys
 
-from miselbo.cli import run_cli
-from miselbo.nvae_clone import allow_nvae_checkpoints_in_torch_load
+from miselbo.runtime.cli import run_cli
+from miselbo.storage.checkpoints import allow_nvae_checkpoints_in_torch_load
 from miselbo.training import main
 from miselbo.training.nvae_compat import init_processes, test, test_vae_fid
 

@@ -1,4 +1,4 @@
-"""CPU speed in the default layout vs channels-last weights (miselbo.cpu_layout.use_fast_cpu_layout).
+"""CPU speed in the default layout vs channels-last weights (miselbo.runtime.cpu_layout.use_fast_cpu_layout).
 
 Evaluation: loads the shipped ensemble (models/mnist5k_demo) twice, once converted to
 channels-last, and times Ensemble.reduced_weights on the same batch of test digits with the same
@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from miselbo.data import load_dataset  # noqa: E402
-from miselbo.ensemble import Ensemble  # noqa: E402
-from miselbo.cpu_layout import use_fast_cpu_layout  # noqa: E402
-from miselbo.ensemble_loading import discover_demo_ensemble, load_members  # noqa: E402
-from miselbo.presets import DEMO  # noqa: E402
+from miselbo.data.datasets import load_dataset  # noqa: E402
+from miselbo.ensemble.log_weights import Ensemble  # noqa: E402
+from miselbo.runtime.cpu_layout import use_fast_cpu_layout  # noqa: E402
+from miselbo.evaluation.members import discover_demo_ensemble, load_members  # noqa: E402
+from miselbo.pipeline.presets import DEMO  # noqa: E402
 from miselbo.training.stop import StepGuard, StopRequests  # noqa: E402
 from train_speed import build_step_parts, real_batch, timed_step  # noqa: E402
 

@@ -5,13 +5,13 @@ One run per ensemble size S, with the same model, the same batch and the same z 
   (a) public: for each source s and each of the L samples, one at a time, a full forward pass of
       member s with its draw (bottom-up + top-down + output head + likelihood), then a full forward
       pass of every other member j with the sample injected: S*S*L passes of B rows
-      (`miselbo.naive_ensemble.naive_log_weights`, the public MISELBO script's algorithm);
+      (`miselbo.ensemble.naive.naive_log_weights`, the public MISELBO script's algorithm);
   (b) ours: `Ensemble.log_weights` (S bottom-up passes, S*L samples through batched decoder passes
       with all S posterior heads per group);
   (c) floor: the S*L decoder top-down passes alone (prior densities and output likelihood included),
       chunked exactly like (b), fed with (b)'s post-flow samples.
 
-Model: the paper's NVAE, the `paper` preset of miselbo/presets.py (NVAE's MNIST recipe: 2 latent
+Model: the paper's NVAE, the `paper` preset of miselbo/pipeline/presets.py (NVAE's MNIST recipe: 2 latent
 scales, 10 groups at the finest with ada_groups, 20 latents per group, 32 channels, 2 cells per
 conditional in both towers, SE, res_dist, no flows, 2x3 pre/post-processing cells), random weights;
 S encoders from seeds 0..S-1 sharing member 0's decoder. Data: real binarised mnist5k test digits.
@@ -61,16 +61,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from miselbo.cli import resolve_device  # noqa: E402
-from miselbo.data import load_dataset  # noqa: E402
-from miselbo.ensemble import Ensemble, default_chunk_size  # noqa: E402
-from miselbo.naive_ensemble import naive_log_weights  # noqa: E402
-from miselbo.shared_decoder import share_decoder  # noqa: E402
-from miselbo.eval_data import EvaluationExamples  # noqa: E402
+from miselbo.runtime.cli import resolve_device  # noqa: E402
+from miselbo.data.datasets import load_dataset  # noqa: E402
+from miselbo.ensemble.log_weights import Ensemble, default_chunk_size  # noqa: E402
+from miselbo.ensemble.naive import naive_log_weights  # noqa: E402
+from miselbo.ensemble.shared_decoder import share_decoder  # noqa: E402
+from miselbo.evaluation.examples import EvaluationExamples  # noqa: E402
 from miselbo.nvae.config import get_arch_cells  # noqa: E402
 from miselbo.nvae.distributions import Normal, reconstruction_loss  # noqa: E402
 from miselbo.nvae.model import AutoEncoder  # noqa: E402
-from miselbo.presets import PAPER  # noqa: E402
+from miselbo.pipeline.presets import PAPER  # noqa: E402
 
 SEED = 0
 DEFAULT_TOLERANCE_NATS = 0.05  # float32 sums over 1,000s of terms differ by ~1e-3 nats in order

@@ -2,7 +2,7 @@
 
     python benchmarks/forward_speed.py [--batch_size 16] [--repeats 7] [--device cpu]
 
-Architecture: the `paper` preset of miselbo/presets.py (2 latent scales, 10 groups per scale with
+Architecture: the `paper` preset of miselbo/pipeline/presets.py (2 latent scales, 10 groups per scale with
 ada_groups ([10, 5]), 20 latents per group, 32 channels, 2 cells per conditional in both towers,
 SE, res_dist, no flows, 2 x 3 pre/post-processing cells), random weights (seed 0). Prints the
 parameter count and the median / minimum of `repeats` timed forward passes after 2 warm-up ones,
@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from miselbo.cli import resolve_device  # noqa: E402
+from miselbo.runtime.cli import resolve_device  # noqa: E402
 from miselbo.nvae.config import get_arch_cells  # noqa: E402
 from miselbo.nvae.model import AutoEncoder  # noqa: E402
-from miselbo.presets import PAPER  # noqa: E402
+from miselbo.pipeline.presets import PAPER  # noqa: E402
 
 
 def timed_forward(model: AutoEncoder, x: torch.Tensor) -> float:

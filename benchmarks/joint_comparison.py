@@ -38,7 +38,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from miselbo.presets import TINY  # noqa: E402
+from miselbo.pipeline.presets import TINY  # noqa: E402
 
 NUM_ENCODERS = 3
 CONFIGURATIONS = {

@@ -1,6 +1,6 @@
 """Large ensembles: time and peak memory of A2A MISELBO and of S2A on active subsets, S up to 64.
 
-For each ensemble size S: S encoders of the `demo` architecture (miselbo/presets.py, random weights
+For each ensemble size S: S encoders of the `demo` architecture (miselbo/pipeline/presets.py, random weights
 from seeds 0..S-1) sharing member 0's decoder, one batch of real binarised mnist5k test digits, L
 samples per sampled member, and three evaluations through `Ensemble.reduced_weights` (the
 evaluator's path, memory linear in S):
@@ -41,14 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_speed import measured  # noqa: E402
-from miselbo.cli import resolve_device  # noqa: E402
-from miselbo.data import load_dataset  # noqa: E402
-from miselbo.ensemble import Ensemble  # noqa: E402
-from miselbo.shared_decoder import share_decoder  # noqa: E402
-from miselbo.eval_data import EvaluationExamples  # noqa: E402
+from miselbo.runtime.cli import resolve_device  # noqa: E402
+from miselbo.data.datasets import load_dataset  # noqa: E402
+from miselbo.ensemble.log_weights import Ensemble  # noqa: E402
+from miselbo.ensemble.shared_decoder import share_decoder  # noqa: E402
+from miselbo.evaluation.examples import EvaluationExamples  # noqa: E402
 from miselbo.nvae.config import get_arch_cells  # noqa: E402
 from miselbo.nvae.model import AutoEncoder  # noqa: E402
-from miselbo.presets import DEMO  # noqa: E402
+from miselbo.pipeline.presets import DEMO  # noqa: E402
 
 ACTIVE_COUNTS = (1, 4)
 SUBSET_SEED, DRAW_SEED = 1, 0

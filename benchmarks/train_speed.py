@@ -1,7 +1,7 @@
 """Training-step speed and peak memory: a full NVAE step vs a --train_new_q step (frozen decoder).
 
 Both steps are the real `miselbo.training.loop.train_step` on the paper's NVAE (the `paper` preset
-of miselbo/presets.py, NVAE's MNIST recipe: 2 latent scales, 10 groups at the finest with
+of miselbo/pipeline/presets.py, NVAE's MNIST recipe: 2 latent scales, 10 groups at the finest with
 ada_groups, 20 latents per group, 32 channels, 2 cells per conditional in both towers, SE,
 res_dist, no flows, 2x3 pre/post-processing cells, weight_decay_norm 1e-2 so both regularisers
 run, fast Adamax) and the same batch of real binarised mnist5k digits. Times: the two kinds of step alternate
@@ -35,20 +35,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from miselbo.cli import resolve_device  # noqa: E402
-from miselbo.data import load_dataset  # noqa: E402
+from miselbo.runtime.cli import resolve_device  # noqa: E402
+from miselbo.data.datasets import load_dataset  # noqa: E402
 from miselbo.nvae.config import get_arch_cells  # noqa: E402
 from miselbo.nvae.model import AutoEncoder, is_decoder_key  # noqa: E402
 from miselbo.nvae.objectives import kl_balance_alpha  # noqa: E402
 from miselbo.nvae.optim import build_optimizer  # noqa: E402
-from miselbo.presets import PAPER  # noqa: E402
+from miselbo.pipeline.presets import PAPER  # noqa: E402
 from miselbo.training.loop import StepParts, train_step  # noqa: E402
 from miselbo.training.new_encoder import Parent, adopt_decoder  # noqa: E402
 from miselbo.training.objective import RegularisedLayers  # noqa: E402
 from miselbo.training.options import build_parser  # noqa: E402
 from miselbo.training.settings import TrainSettings  # noqa: E402
 from miselbo.training.stop import StepGuard, StopRequests  # noqa: E402
-from miselbo.shared_decoder import share_decoder  # noqa: E402
+from miselbo.ensemble.shared_decoder import share_decoder  # noqa: E402
 from miselbo.training.joint_objective import JointSpec  # noqa: E402
 from miselbo.training.joint_step import Component, JointStep, joint_train_step  # noqa: E402
 

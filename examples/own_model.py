@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from miselbo import estimators as est
-from miselbo.generic import compute_log_weights, compute_own_log_weights
+from miselbo.estimators.generic import compute_log_weights, compute_own_log_weights
 
 # The target: sum_k weight_k N(z; mean_k, cov_k), weights not summing to one, so Z = sum_k weight_k.
 TARGET_WEIGHTS = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from miselbo.checkpoints import save_nvae_checkpoint
+from miselbo.storage.checkpoints import save_nvae_checkpoint
 from miselbo.nvae.config import default_nvae_args, get_arch_cells
 from miselbo.nvae.model import AutoEncoder, is_decoder_key
 

@@ -19,12 +19,14 @@ import torch
 from torch import nn
 
 from conftest import golden_case_dir
-from miselbo import checkpoints, safe_io
-from miselbo.checkpoints import (ARCHITECTURE_FLAGS, CHECKPOINT_BACKFILL, NVAE_CHECKPOINT_KEYS,
-                                 CheckpointError, architecture_differences,
-                                 checkpoint_decoder_fingerprint, fill_defaults, load_nvae_checkpoint,
-                                 read_checkpoint, require_same_architecture, save_nvae_checkpoint)
-from miselbo.safe_io import UnwritableFolderError, sidecar_path
+from miselbo.storage import checkpoints
+from miselbo.storage import safe_io
+from miselbo.errors import CheckpointError
+from miselbo.storage.checkpoints import (ARCHITECTURE_FLAGS, CHECKPOINT_BACKFILL, NVAE_CHECKPOINT_KEYS,
+                                         architecture_differences, checkpoint_decoder_fingerprint, fill_defaults,
+                                         load_nvae_checkpoint, read_checkpoint, require_same_architecture,
+                                         save_nvae_checkpoint)
+from miselbo.storage.safe_io import UnwritableFolderError, sidecar_path
 
 GOLDEN_CASES = {"mnist_small": (514, 24), "cifar_flows": (626, 27)}  # entries, weight_normalized aliases
 ARCH_TABLE = {"normal_enc": ["res_bnswish"], "ar_nn": [""]}
@@ -402,7 +404,7 @@ def test_missing_weight_normalized_alias_is_filled_and_logged(tmp_path, caplog):
     checkpoint = read_checkpoint(written)
     del checkpoint["state_dict"]["dec_conv.weight_normalized"]  # as in older NVAE checkpoints
     rewrite_unverified(written, checkpoint)
-    with caplog.at_level(logging.DEBUG, logger="miselbo.checkpoints"):
+    with caplog.at_level(logging.DEBUG, logger="miselbo.storage.checkpoints"):
         loaded, _, _ = load_stand_in(written)
     assert "dec_conv.weight_normalized" in caplog.text
     assert torch.equal(loaded.dec_conv.weight_normalized, model.dec_conv.weight)
@@ -543,7 +545,7 @@ def test_golden_checkpoint_without_weight_normalized_aliases_loads(nvae_availabl
     for key in aliases:
         del checkpoint["state_dict"][key]
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
-    with caplog.at_level(logging.DEBUG, logger="miselbo.checkpoints"):
+    with caplog.at_level(logging.DEBUG, logger="miselbo.storage.checkpoints"):
         model, _, _ = load_nvae_checkpoint(tmp_path)
     assert f"filled {len(aliases)} weight_normalized aliases" in caplog.text
     assert all(key in caplog.text for key in aliases)

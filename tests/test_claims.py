@@ -1,4 +1,4 @@
-"""The inequalities that README.md, docs/own_model.md and miselbo/estimators.py state about the
+"""The inequalities that README.md, docs/own_model.md and miselbo/estimators/bounds.py state about the
 estimators, checked numerically; and the false versions they replaced, each on an example where it
 visibly fails.
 

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from miselbo import distributed
-from miselbo.checkpoints import CheckpointError
-from miselbo.cli import UserError, require_positive, resolve_device, run_cli
+from miselbo.runtime import distributed
+from miselbo.errors import CheckpointError
+from miselbo.errors import UserError
+from miselbo.runtime.cli import require_positive, resolve_device, run_cli
 
 
 def test_user_error_becomes_message_and_exit_2(capsys):

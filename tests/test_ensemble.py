@@ -12,10 +12,10 @@ import torch
 from conftest import golden_case_dir
 from ensemble_helpers import binary_batch, build_model, make_members, one_torch_thread, tiny_args  # noqa: F401
 from miselbo import estimators as est
-from miselbo.checkpoints import load_nvae_checkpoint
-from miselbo.ensemble import Ensemble, default_chunk_size
-from miselbo.naive_ensemble import naive_log_weights
-from miselbo.shared_decoder import share_decoder, uses_shared_decoder
+from miselbo.storage.checkpoints import load_nvae_checkpoint
+from miselbo.ensemble.log_weights import Ensemble, default_chunk_size
+from miselbo.ensemble.naive import naive_log_weights
+from miselbo.ensemble.shared_decoder import share_decoder, uses_shared_decoder
 from miselbo.nvae.model import AutoEncoder
 
 CONFIGS = {

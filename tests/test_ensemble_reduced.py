@@ -11,8 +11,8 @@ import torch
 
 from ensemble_helpers import binary_batch, make_members, one_torch_thread  # noqa: F401
 from miselbo import estimators as est
-from miselbo.ensemble import Ensemble
-from miselbo.results import ValuePlan
+from miselbo.ensemble.log_weights import Ensemble
+from miselbo.evaluation.report import ValuePlan
 
 CONFIGS = {"bernoulli_res_dist": {}, "one_flow": dict(num_nf=1)}
 ROUND_OFF = dict(rtol=1e-12, atol=1e-10)
@@ -184,7 +184,7 @@ def test_stacked_heads_follow_weight_changes():
 
 def test_channels_last_layout_gives_the_same_weights():
     """use_fast_cpu_layout (evaluation on CPU) changes only the float rounding of every weight."""
-    from miselbo.cpu_layout import use_fast_cpu_layout
+    from miselbo.runtime.cpu_layout import use_fast_cpu_layout
     _args, models = make_members(3, seed=5, num_channels_enc=8, num_channels_dec=8)
     x = binary_batch(models[0], 4)
     default = Ensemble(models).reduced_weights(x, 3, torch.Generator().manual_seed(1), 2, extra_own_samples=3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from miselbo import estimators as est
-from miselbo.generic import compute_log_weights
+from miselbo.estimators.generic import compute_log_weights
 
 
 def random_log_weights(shape_lead, S, L, seed=0, scale=3.0):

@@ -1,4 +1,4 @@
-"""miselbo_eval.py / miselbo.evaluate: outputs, averaging, determinism, processes, and the clear
+"""miselbo_eval.py / miselbo.evaluation.evaluate: outputs, averaging, determinism, processes, and the clear
 errors for bad input (exit status 2, one paragraph, no traceback)."""
 import json
 import math
@@ -13,18 +13,20 @@ from matplotlib.image import imread
 from conftest import REPO_ROOT
 from ensemble_helpers import build_model, make_members, one_torch_thread, save_members  # noqa: F401
 from miselbo import estimators as est
-from miselbo.checkpoints import save_nvae_checkpoint
-from miselbo.cli import UserError, run_cli
-from miselbo.data import DataError
-from miselbo.ensemble import Ensemble
-from miselbo.cpu_layout import use_fast_cpu_layout
-from miselbo.ensemble_loading import discover_demo_ensemble, load_members
-from miselbo.eval_data import STREAM_DRAWS, EvaluationExamples, derived_seed
-from miselbo.eval_shard import FlowInversionError, shard_batches
-from miselbo.evaluate import (EvalSettings, build_parser, evaluate, main,
+from miselbo.storage.checkpoints import save_nvae_checkpoint
+from miselbo.errors import UserError
+from miselbo.runtime.cli import run_cli
+from miselbo.errors import DataError
+from miselbo.ensemble.log_weights import Ensemble
+from miselbo.runtime.cpu_layout import use_fast_cpu_layout
+from miselbo.evaluation.members import discover_demo_ensemble, load_members
+from miselbo.evaluation.examples import STREAM_DRAWS, EvaluationExamples
+from miselbo.seeding import example_seed
+from miselbo.evaluation.shard import FlowInversionError, shard_batches
+from miselbo.evaluation.evaluate import (EvalSettings, build_parser, evaluate, main,
                               settings_from_args)
-from miselbo.data import load_dataset
-from miselbo.results import ValuePlan, summarise
+from miselbo.data.datasets import load_dataset
+from miselbo.evaluation.report import ValuePlan, summarise
 
 NUM_EXAMPLES, BATCH = 10, 4  # batches of 4, 4, 2: unequal, so per-batch means would differ
 
@@ -109,7 +111,7 @@ def test_means_weight_every_example_equally(ensemble_dir):
     per_example = []
     for start in range(0, NUM_EXAMPLES, BATCH):
         x = examples.batch(start, min(start + BATCH, NUM_EXAMPLES))
-        generator = torch.Generator().manual_seed(derived_seed(0, start, STREAM_DRAWS))
+        generator = torch.Generator().manual_seed(example_seed(0, start, STREAM_DRAWS))
         weights = ensemble.log_weights(x, 4, generator)
         per_example.append(est.miselbo(weights.log_p, weights.log_q))
     values = torch.cat(per_example)
@@ -135,7 +137,7 @@ def test_matched_baseline_equals_independent_single_member_passes(ensemble_dir):
     matched, miselbo, pooled = [], [], []
     for start in range(0, NUM_EXAMPLES, BATCH):
         x = examples.batch(start, min(start + BATCH, NUM_EXAMPLES))
-        generator = torch.Generator().manual_seed(derived_seed(0, start, STREAM_DRAWS))
+        generator = torch.Generator().manual_seed(example_seed(0, start, STREAM_DRAWS))
         full = Ensemble(models).log_weights(x, 4, generator, chunk_size=2)
         own = full.log_p - torch.diagonal(full.log_q, dim1=1, dim2=3).transpose(1, 2)  # [B, S, L]
         extra = []
@@ -233,7 +235,7 @@ def test_an_evaluation_process_killed_by_a_signal_is_named_not_a_traceback(ensem
         raise torch.multiprocessing.ProcessExitedException("process 1 terminated with signal SIGKILL",
                                                            error_index=1, error_pid=12345, exit_code=-9,
                                                            signal_name="SIGKILL")
-    monkeypatch.setattr("miselbo.evaluate.distributed.spawn_processes", killed)
+    monkeypatch.setattr("miselbo.evaluation.evaluate.distributed.spawn_processes", killed)
     argv = ["--checkpoints", str(ensemble_dir), "--num_iw_samples", "4", "--save", str(tmp_path / "o"),
             "--world_size", "2", "--device", "cpu"]
     status, err = _cli(argv, capsys)[::2]

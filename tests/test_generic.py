@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from miselbo.generic import LogWeights, compute_log_weights
+from miselbo.estimators.generic import LogWeights, compute_log_weights
 
 
 class PoolMember:
@@ -238,7 +238,7 @@ class PoolProposal:
 
 def test_matched_baseline_is_the_iwelbo_of_the_first_S_L_own_samples():
     from miselbo import estimators as est
-    from miselbo.generic import compute_own_log_weights
+    from miselbo.estimators.generic import compute_own_log_weights
 
     model = LinearGaussian()
     x = torch.tensor([[0.3, -1.0], [2.0, 0.5]], dtype=torch.float64)  # B = 2
@@ -257,7 +257,7 @@ def test_matched_baseline_is_the_iwelbo_of_the_first_S_L_own_samples():
 def test_matched_baseline_of_the_exact_posterior_is_log_evidence():
     """Every importance weight of the exact posterior equals p(x), so its IWELBO is log p(x) exactly."""
     from miselbo import estimators as est
-    from miselbo.generic import compute_own_log_weights
+    from miselbo.estimators.generic import compute_own_log_weights
 
     model = LinearGaussian()
     x = torch.tensor([[0.3, -1.0], [2.0, 0.5]], dtype=torch.float64)

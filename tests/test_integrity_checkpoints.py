@@ -11,13 +11,13 @@ import sys
 import pytest
 import torch
 
-from miselbo.checkpoint_fields import (exact_parameter_count, parameter_upper_bound,
+from miselbo.storage.checkpoint_fields import (exact_parameter_count, parameter_upper_bound,
                                        validate_checkpoint_fields)
-from miselbo.checkpoints import (CheckpointError, load_nvae_checkpoint, read_checkpoint,
-                                 save_nvae_checkpoint)
+from miselbo.errors import CheckpointError
+from miselbo.storage.checkpoints import load_nvae_checkpoint, read_checkpoint, save_nvae_checkpoint
 from miselbo.nvae.config import default_nvae_args, get_arch_cells
 from miselbo.nvae.model import AutoEncoder
-from miselbo.safe_io import (ChecksumMismatchError, NotARegularFileError, atomic_write_bytes,
+from miselbo.storage.safe_io import (ChecksumMismatchError, NotARegularFileError, atomic_write_bytes,
                              read_sidecar_digest, regular_file, sha256_of_file, sidecar_path,
                              verify_sha256)
 from test_train_common import REPO_ROOT, quiet_env
@@ -116,7 +116,7 @@ def test_concurrent_atomic_writers_leave_a_matching_sidecar(tmp_path, monkeypatc
     writer B then writes the same target. Unserialised, B would finish first and A's late sidecar
     would describe B's bytes; with the folder lock B waits for A, so the pair always matches."""
     import threading
-    from miselbo import safe_io
+    from miselbo.storage import safe_io
     target = tmp_path / "shared.bin"
     a_renamed, b_finished = threading.Event(), threading.Event()
     real_fsync = safe_io._fsync_folder

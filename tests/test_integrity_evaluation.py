@@ -3,10 +3,10 @@ are finite, so the file itself passes validation), and writes nothing."""
 import pytest
 import torch
 
-from miselbo import evaluate as evaluate_module
-from miselbo.checkpoints import save_nvae_checkpoint
-from miselbo.evaluate import EvalSettings, evaluate
-from miselbo.finite import NonFiniteEvaluation
+from miselbo.evaluation import evaluate as evaluate_module
+from miselbo.storage.checkpoints import save_nvae_checkpoint
+from miselbo.evaluation.evaluate import EvalSettings, evaluate
+from miselbo.evaluation.finite import NonFiniteEvaluation
 from miselbo.nvae.config import default_nvae_args, get_arch_cells
 from miselbo.nvae.model import AutoEncoder
 
@@ -72,7 +72,7 @@ def test_sigterm_during_evaluation_exits_143_and_keeps_the_previous_outputs(tmp_
     import subprocess
     import sys
     import time
-    from miselbo.run_lock import LOCK_FILE_NAME
+    from miselbo.storage.run_lock import LOCK_FILE_NAME
     from test_train_common import REPO_ROOT, quiet_env
     out = tmp_path / "results"
     out.mkdir()

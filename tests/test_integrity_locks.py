@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from miselbo.cli import UserError
-from miselbo.run_lock import LOCK_FILE_NAME, hold_run_lock
+from miselbo.errors import UserError
+from miselbo.storage.run_lock import LOCK_FILE_NAME, hold_run_lock
 from test_train_common import REPO_ROOT, quiet_env, run_args, run_train_script
 
 
@@ -39,7 +39,7 @@ def test_lock_is_released_when_the_block_raises(tmp_path):
 
 def test_lock_of_a_killed_process_is_taken_over_with_a_message(tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from miselbo.run_lock import hold_run_lock\n"
+        [sys.executable, "-c", "import sys, time; from miselbo.storage.run_lock import hold_run_lock\n"
          "with hold_run_lock(sys.argv[1], 'training'):\n    print('held', flush=True); time.sleep(60)",
          str(tmp_path)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

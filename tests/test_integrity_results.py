@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from miselbo import result_set
-from miselbo.result_set import INDEX_FILE_NAME, ResultSet
-from miselbo.safe_io import atomic_write_text, verify_sha256
+from miselbo.storage import result_set
+from miselbo.storage.result_set import INDEX_FILE_NAME, ResultSet
+from miselbo.storage.safe_io import atomic_write_text, verify_sha256
 
 
 class Crash(BaseException):

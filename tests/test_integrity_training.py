@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from miselbo import training
-from miselbo.checkpoints import save_nvae_checkpoint
+from miselbo.storage.checkpoints import save_nvae_checkpoint
 from miselbo.nvae.config import get_arch_cells
 from miselbo.nvae.model import AutoEncoder
 from miselbo.nvae.objectives import kl_balance_alpha
 from miselbo.nvae.optim import build_optimizer
 from miselbo.training import loop
-from miselbo.training.nonfinite import locate_forward, no_distribution_validation
+from miselbo.training.nonfinite import locate_forward
+from miselbo.runtime.distribution_checks import no_distribution_validation
 from miselbo.training.objective import RegularisedLayers
 from miselbo.training.options import build_parser
 from miselbo.training.settings import TrainSettings
@@ -156,7 +157,7 @@ def test_sigterm_during_the_final_test_is_answered_within_seconds(tmp_path):
     second into it stops the run within 20 s even on a loaded machine (exit 143) and keeps the finished checkpoint."""
     import signal
     import time
-    from miselbo.checkpoints import read_checkpoint
+    from miselbo.storage.checkpoints import read_checkpoint
     from test_train_common import run_train_script
     argv = [*run_args(tmp_path, "final"), "--epochs", "1", "--final_iw_samples", "20000"]
     process = run_train_script(argv)
@@ -181,8 +182,8 @@ def test_sigterm_during_the_final_test_is_answered_within_seconds(tmp_path):
 def test_resume_point_beyond_this_runs_epoch_is_refused_not_a_traceback(tmp_path, capsys):
     """Found by trying to break it: a mid-epoch checkpoint resumed with a larger --batch_size
     (fewer steps per epoch) made the loader skip past its end (StopIteration traceback)."""
-    from miselbo.checkpoints import read_checkpoint
-    from miselbo.safe_io import atomic_torch_save
+    from miselbo.storage.checkpoints import read_checkpoint
+    from miselbo.storage.safe_io import atomic_torch_save
     argv = run_args(tmp_path, "resume", "--epochs", "2")
     assert training.main(argv) == 0
     path = tmp_path / "eval-resume" / "checkpoint.pt"

@@ -1,4 +1,4 @@
-"""The main job's time accounting (miselbo.stage_clock, the pipeline's per-stage summary) and the
+"""The main job's time accounting (miselbo.runtime.stage_clock, the pipeline's per-stage summary) and the
 per-epoch test on a fixed subset (--epoch_test_examples), which must leave training untouched."""
 import json
 import time
@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from miselbo import pipeline
-from miselbo.data import load_dataset
-from miselbo.stage_clock import StageClock, summary_table, training_stage_parts
+from miselbo.pipeline import run as pipeline
+from miselbo.data.datasets import load_dataset
+from miselbo.runtime.stage_clock import StageClock, summary_table, training_stage_parts
 from miselbo.training import train
 from miselbo.nvae.config import get_arch_cells
 from miselbo.nvae.model import AutoEncoder

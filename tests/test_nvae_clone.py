@@ -12,8 +12,9 @@ import textwrap
 import pytest
 import torch
 
-from miselbo import nvae_clone
-from miselbo.data import DataError, check_dataset_name, load_dataset
+from miselbo.data import nvae_clone
+from miselbo.errors import DataError
+from miselbo.data.datasets import check_dataset_name, load_dataset
 from test_train_common import REPO_ROOT, TINY_ARCH, quiet_env
 
 SCRIPTS = ("train.py", "model.py", "miselbo_eval.py")
@@ -99,7 +100,7 @@ def _fresh_python(code: str, cwd) -> subprocess.CompletedProcess:
 
 
 def _tiny_checkpoint(path):
-    from miselbo.checkpoints import save_nvae_checkpoint
+    from miselbo.storage.checkpoints import save_nvae_checkpoint
     from miselbo.nvae.config import get_arch_cells
     from miselbo.nvae.model import AutoEncoder
     from miselbo.training.options import build_parser
@@ -176,7 +177,7 @@ def test_a_malicious_checkpoint_is_still_refused_by_plain_torch_load_after_impor
 
 def test_the_registered_types_are_exactly_the_loader_allow_list(tmp_path):
     code = ("import torch\nbefore = set(torch.serialization.get_safe_globals())\nimport train\n"
-            "from miselbo.checkpoints import SAFE_CHECKPOINT_GLOBALS\n"
+            "from miselbo.storage.checkpoints import SAFE_CHECKPOINT_GLOBALS\n"
             "added = set(torch.serialization.get_safe_globals()) - before\n"
             "print(sorted(g.__qualname__ for g in added), added == set(SAFE_CHECKPOINT_GLOBALS))")
     done = _fresh_python(code, tmp_path)
@@ -242,7 +243,7 @@ def test_clone_refusals_name_the_problem(clone_on_path):
 
 
 def test_clone_data_sets_work_with_our_loaders_and_worker_processes(clone_on_path):
-    from miselbo.data import build_loaders
+    from miselbo.data.datasets import build_loaders
     loaders = build_loaders("imagenet_32", str(clone_on_path / "data"), batch_size=8, seed=3, num_workers=2,
                             max_test_examples=10)
     train_batches = [images for images, _ in loaders.train]
@@ -361,7 +362,7 @@ def test_a_colour_data_set_of_the_clone_trains_with_the_logistic_mixture(tmp_pat
 # ----------------------------------------------------------------------------- no empty folders after a failure
 
 def test_removed_if_left_empty_removes_only_the_empty_folders_it_saw_missing(tmp_path):
-    from miselbo.folders import removed_if_left_empty
+    from miselbo.storage.folders import removed_if_left_empty
     existing = tmp_path / "existing"
     existing.mkdir()
     for folder, write_file in ((tmp_path / "new" / "deeper" / "eval-x", False), (existing / "eval-y", True),
@@ -399,8 +400,8 @@ def test_a_training_run_whose_clone_loader_fails_leaves_no_folder(clone_on_path,
 
 
 def test_a_refused_evaluation_leaves_no_save_folder(tmp_path, capsys):
-    from miselbo.evaluate import main
-    from miselbo.cli import run_cli
+    from miselbo.evaluation.evaluate import main
+    from miselbo.runtime.cli import run_cli
     save = tmp_path / "results" / "run1"
     status = run_cli(main, ["--checkpoints", str(tmp_path / "missing.pt"), "--save", str(save)])
     assert status == 2 and "missing.pt" in capsys.readouterr().err

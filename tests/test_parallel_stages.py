@@ -1,4 +1,4 @@
-"""miselbo.parallel_stages: side-by-side stages, their failures and signals, with stand-in children
+"""miselbo.pipeline.parallel_stages: side-by-side stages, their failures and signals, with stand-in children
 (small Python scripts instead of train.py, so each test takes a few seconds)."""
 import os
 import signal
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from miselbo import parallel_stages
-from miselbo.parallel_stages import StageJob, StagesFailed, StagesStopped, run_in_parallel
+from miselbo.pipeline import parallel_stages
+from miselbo.pipeline.parallel_stages import StageJob, StagesFailed, StagesStopped, run_in_parallel
 
 # A stand-in for train.py: argv = [name, seconds, exit code]; logs start/end times, the thread
 # count it was given and the signals it receives (SIGTERM / SIGINT: "stop after the step", exit 128 + n).
@@ -72,7 +72,7 @@ def test_a_failed_stage_is_named_with_its_log_and_the_others_finish(tmp_path, st
 PARENT = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from miselbo import parallel_stages
+    from miselbo.pipeline import parallel_stages
     parallel_stages.TRAIN_COMMAND = (sys.executable, "-c", sys.argv[2])
     folder = Path(sys.argv[1])
     jobs = [parallel_stages.StageJob(name, [name, "30", "0"], folder / f"{name}.log") for name in ("q2", "q3", "q4")]

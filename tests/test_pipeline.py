@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from miselbo import distributed, pipeline, stage_record
-from miselbo.checkpoints import read_checkpoint
-from miselbo.cli import UserError
-from miselbo.evaluate import main as evaluate_main
+from miselbo.runtime import distributed
+from miselbo.pipeline import run as pipeline
+from miselbo.pipeline import stage_record
+from miselbo.storage.checkpoints import read_checkpoint
+from miselbo.errors import UserError
+from miselbo.evaluation.evaluate import main as evaluate_main
 from miselbo.nvae.config import NVAE_TRAIN_FLAGS
-from miselbo.presets import DEMO, PAPER
+from miselbo.pipeline.presets import DEMO, PAPER
 from miselbo.training.options import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

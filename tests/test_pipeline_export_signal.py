@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from miselbo import pipeline, pipeline_export
-from miselbo.checkpoints import read_checkpoint
+from miselbo.pipeline import run as pipeline
+from miselbo.pipeline import export as pipeline_export
+from miselbo.storage.checkpoints import read_checkpoint
 
 
 

@@ -1,4 +1,4 @@
-"""The named configurations of miselbo.presets, checked against sources that do not come from it:
+"""The named configurations of miselbo.pipeline.presets, checked against sources that do not come from it:
 the public NVAE implementation's parameter count, the shipped checkpoints, train.py's parser."""
 from pathlib import Path
 
@@ -7,12 +7,12 @@ import torch
 
 from miselbo.nvae.config import NVAE_TRAIN_FLAGS, get_arch_cells
 from miselbo.nvae.model import AutoEncoder
-from miselbo.presets import PAPER, PRESETS, get_preset
+from miselbo.pipeline.presets import PAPER, PRESETS, get_preset
 from miselbo.training.options import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CATEGORY = {flag.name: flag.category for flag in NVAE_TRAIN_FLAGS}
-# NVAE's published MNIST recipe, written out here independently of miselbo.presets.
+# NVAE's published MNIST recipe, written out here independently of miselbo.pipeline.presets.
 PUBLISHED_MNIST_RECIPE = dict(
     num_latent_scales=2, num_groups_per_scale=10, ada_groups=True, num_latent_per_group=20,
     num_channels_enc=32, num_channels_dec=32, num_preprocess_blocks=2, num_preprocess_cells=3,
@@ -90,9 +90,9 @@ def test_unknown_preset_names_the_known_ones():
         get_preset("big")
 
 
-@pytest.mark.parametrize("path", ["miselbo/pipeline.py", "benchmarks/forward_speed.py",
+@pytest.mark.parametrize("path", ["miselbo/pipeline/run.py", "benchmarks/forward_speed.py",
                                   "benchmarks/eval_speed.py", "benchmarks/train_speed.py"])
 def test_no_other_module_spells_out_an_architecture(path):
     text = (REPO_ROOT / path).read_text()
     for flag in ("num_latent_per_group", "num_cell_per_cond_enc", "num_channels_dec"):
-        assert flag not in text, f"{path} names {flag}: take the architecture from miselbo.presets"
+        assert flag not in text, f"{path} names {flag}: take the architecture from miselbo.pipeline.presets"

@@ -11,10 +11,11 @@ import time
 import pytest
 import torch
 
-from miselbo import safe_io
-from miselbo.safe_io import (ChecksumMismatchError, SafeIOError, UnwritableFolderError, atomic_torch_save,
-                             atomic_write, atomic_write_bytes, atomic_write_text, sha256_of_file,
-                             sidecar_path, verify_sha256)
+from miselbo.storage import safe_io
+from miselbo.errors import SafeIOError
+from miselbo.storage.safe_io import (ChecksumMismatchError, UnwritableFolderError, atomic_torch_save,
+                                     atomic_write, atomic_write_bytes, atomic_write_text, sha256_of_file,
+                                     sidecar_path, verify_sha256)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -186,7 +187,7 @@ def test_malformed_sidecar_is_an_error(tmp_path):
 
 _WRITER_LOOP = """
 import sys
-from miselbo.safe_io import atomic_write_bytes
+from miselbo.storage.safe_io import atomic_write_bytes
 target = sys.argv[1]
 step = 0
 print("ready", flush=True)

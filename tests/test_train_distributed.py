@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from miselbo import training
-from miselbo.checkpoints import read_checkpoint
+from miselbo.storage.checkpoints import read_checkpoint
 from test_train_common import REPO_ROOT, quiet_env, run_args
 
 pytestmark = pytest.mark.slow

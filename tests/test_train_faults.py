@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from miselbo.checkpoints import load_nvae_checkpoint, read_checkpoint
+from miselbo.storage.checkpoints import load_nvae_checkpoint, read_checkpoint
 from test_train_common import run_args, run_train_script
 
 pytestmark = pytest.mark.slow

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from miselbo import training
-from miselbo.checkpoints import load_nvae_checkpoint
-from miselbo.cli import UserError
-from miselbo.shared_decoder import share_decoder
+from miselbo.storage.checkpoints import load_nvae_checkpoint
+from miselbo.errors import UserError
+from miselbo.ensemble.shared_decoder import share_decoder
 from miselbo.nvae.config import get_arch_cells
 from miselbo.nvae.distributions import reconstruction_loss
 from miselbo.nvae.model import AutoEncoder
 from miselbo.nvae.objectives import kl_balance_alpha, kl_balancer
-from miselbo.safe_io import atomic_torch_save
+from miselbo.storage.safe_io import atomic_torch_save
 from miselbo.training import joint as joint_module
 from miselbo.training import joint_step as joint_step_module
 from miselbo.training.joint_checkpoints import (PENDING_FOLDER, recover_pending,
@@ -304,7 +304,7 @@ def test_a_non_finite_joint_loss_stops_before_updating_and_keeps_the_last_set(pa
 
 
 def test_pipeline_joint_trains_q2_to_qs_in_one_run_and_evaluates_its_components(tmp_path):
-    from miselbo import pipeline
+    from miselbo.pipeline import run as pipeline
     settings = pipeline.parse_settings(["--preset", "tiny", "--joint", "s2a", "--joint_num_active", "1",
                                         "--num_encoders", "4", "--out", str(tmp_path), "--dry_run"])
     assert settings.stage_names() == ["p_and_q1", "joint"]

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from miselbo.checkpoints import CheckpointError
-from miselbo.cli import UserError
+from miselbo.errors import CheckpointError
+from miselbo.errors import UserError
 from miselbo.nvae.config import default_nvae_args
 from miselbo.training import evaluation
 from miselbo.training.launch import resume_command

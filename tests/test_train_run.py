@@ -14,8 +14,8 @@ import torch
 
 from conftest import golden_case_dir
 from miselbo import training
-from miselbo.checkpoints import NVAE_CHECKPOINT_KEYS, load_nvae_checkpoint, read_checkpoint
-from miselbo.distributed import DistributedSetup
+from miselbo.storage.checkpoints import NVAE_CHECKPOINT_KEYS, load_nvae_checkpoint, read_checkpoint
+from miselbo.runtime.distributed import DistributedSetup
 from miselbo.nvae.config import get_arch_cells
 from miselbo.nvae.model import AutoEncoder
 from miselbo.nvae.objectives import kl_balance_alpha

@@ -253,7 +253,7 @@ class ModelConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ModelConfig":
         """Read the fields from NVAE's namespace; missing attributes are an error (fill old
-        checkpoints' defaults before, as miselbo.checkpoints does)."""
+        checkpoints' defaults before, as miselbo.storage.checkpoints does)."""
         names = [field.name for field in fields(cls)]
         missing = [name for name in names if not hasattr(args, name)]
         if missing:

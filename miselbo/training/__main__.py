@@ -1,5 +1,5 @@
 """`python -m miselbo.training ARGS`: train.py's command line (what the pipeline starts for stages
-it runs side by side, miselbo.parallel_stages).
+it runs side by side, miselbo.pipeline.parallel_stages).
 
 When MISELBO_PARENT_PID names the starting process, this process asks Linux to send it SIGTERM
 when that parent dies (prctl PR_SET_PDEATHSIG), and exits at once if the parent is already gone:
@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from miselbo.cli import run_cli
+from miselbo.runtime.cli import run_cli
 from miselbo.training import main
 
 PR_SET_PDEATHSIG = 1

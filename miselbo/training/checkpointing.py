@@ -20,7 +20,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from miselbo.checkpoints import CheckpointError, save_nvae_checkpoint
+from miselbo.errors import CheckpointError
+from miselbo.storage.checkpoints import save_nvae_checkpoint
 from miselbo.training.stop import EXIT_TRAINING_FAILED, TrainingStopped
 
 ROLE_P_AND_Q = "p_and_q"

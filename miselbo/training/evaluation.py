@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from miselbo import distributed
-from miselbo.data import ImageDataset, pre_process
+from miselbo.runtime import distributed
+from miselbo.data.datasets import ImageDataset, pre_process
 from miselbo.nvae.distributions import reconstruction_loss
 
 DEFAULT_MAX_ROWS = 512

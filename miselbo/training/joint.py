@@ -28,19 +28,20 @@ from pathlib import Path
 
 import torch
 
-from miselbo import distributed
-from miselbo.checkpoints import (CheckpointError, load_nvae_checkpoint, load_state_dict_strict,
-                                 read_checkpoint)
-from miselbo.cli import progress as progress_bar
-from miselbo.cpu_layout import use_fast_cpu_layout
-from miselbo.data import derived_seed, num_output_dims, pre_process, start_epoch
-from miselbo.distributed import DistributedSetup
-from miselbo.shared_decoder import share_decoder
+from miselbo.runtime import distributed
+from miselbo.errors import CheckpointError
+from miselbo.storage.checkpoints import load_nvae_checkpoint, load_state_dict_strict, read_checkpoint
+from miselbo.runtime.cli import progress as progress_bar
+from miselbo.runtime.cpu_layout import use_fast_cpu_layout
+from miselbo.data.datasets import num_output_dims, pre_process, start_epoch
+from miselbo.runtime.distributed import DistributedSetup
+from miselbo.seeding import step_seed
+from miselbo.ensemble.shared_decoder import share_decoder
 from miselbo.nvae.config import get_arch_cells
 from miselbo.nvae.model import AutoEncoder
 from miselbo.nvae.objectives import kl_balance_alpha
 from miselbo.nvae.optim import build_optimizer, build_scheduler
-from miselbo.safe_io import atomic_write_text
+from miselbo.storage.safe_io import atomic_write_text
 from miselbo.training.checkpointing import (ROLE_Q, Lineage, Progress, require_parent_decoder,
                                             restore_training_state, save_training_checkpoint)
 from miselbo.training.evaluation import EvaluationInterrupted, evaluate_bounds
@@ -199,7 +200,7 @@ class JointSession:
                 _follow_schedule_flags(component.scheduler, settings)
             progress = Progress.from_checkpoint(checkpoints[0])
             saved_step = progress.global_step
-            torch.manual_seed(derived_seed(settings.seed, progress.global_step, setup.rank, "train"))
+            torch.manual_seed(step_seed(settings.seed, progress.global_step, setup.rank, "train"))
         is_main = setup.rank == 0
         return cls(args=args, settings=settings, spec=joint_spec(args), setup=setup, device=device,
                    loaders=loaders, components=components, parent=parent, scaler=scaler,

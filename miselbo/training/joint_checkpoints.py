@@ -22,8 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
-from miselbo.checkpoints import CHECKPOINT_FILE_NAME
-from miselbo.safe_io import atomic_write_text, sidecar_path
+from miselbo.storage.checkpoints import CHECKPOINT_FILE_NAME
+from miselbo.storage.safe_io import atomic_write_text, sidecar_path
 
 PENDING_FOLDER = ".pending"
 COMPLETE_MARKER = "complete"

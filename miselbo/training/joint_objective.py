@@ -30,7 +30,7 @@ Computation for one batch x [B, C, H, W]: one bottom-up pass per scoring encoder
 pass of A*B rows (block i = active component i, row i*B + b). At every group each block draws from
 its own posterior (the same code path as AutoEncoder.forward); with a mixture objective every
 scorer's posterior head is evaluated on all rows with the stacked-head convolution of
-miselbo.ensemble (here with gradients), and log N_j(z) is summed into scores [A, B, M].
+miselbo.ensemble.log_weights (here with gradients), and log N_j(z) is summed into scores [A, B, M].
 Mixture objectives need num_nf = 0 (scoring a foreign flow needs its inverse).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Sequence
 
 import torch
 
-from miselbo.ensemble import head_base, stacked_head
+from miselbo.ensemble.log_weights import head_base, stacked_head
 from miselbo.nvae.distributions import Normal, reconstruction_loss
 from miselbo.nvae.model import PriorRaw
 from miselbo.nvae.objectives import kl_balancer

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from miselbo import distributed
-from miselbo.data import mix_seed
+from miselbo.runtime import distributed
+from miselbo.seeding import mix_seed
 from miselbo.nvae.model import AutoEncoder
 from miselbo.nvae.optim import apply_warmup_learning_rate
 from miselbo.training.joint_objective import JointSpec, JointTerms, draw_active, joint_loss

@@ -27,11 +27,12 @@ from typing import Sequence
 import torch
 import torch.multiprocessing as mp
 
-from miselbo import distributed
-from miselbo.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, USER_ERRORS, UserError, resolve_device, run_cli
-from miselbo.distributed import DistributedSetup
-from miselbo.run_lock import hold_run_lock
-from miselbo.folders import removed_if_left_empty
+from miselbo.runtime import distributed
+from miselbo.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, USER_ERRORS, UserError
+from miselbo.runtime.cli import resolve_device, run_cli
+from miselbo.runtime.distributed import DistributedSetup
+from miselbo.storage.run_lock import hold_run_lock
+from miselbo.storage.folders import removed_if_left_empty
 from miselbo.training.options import PROG
 from miselbo.training.prepare import prepare_save_folder, resolve_run_args
 from miselbo.training.run import TrainResult, run_training
@@ -62,7 +63,7 @@ def _main(argv: Sequence[str] | None) -> int:
 def train(argv: Sequence[str] | None = None) -> TrainResult:
     """Run train.py with `argv` and return its result (rank 0's when several processes train).
 
-    Raises one of miselbo.cli.USER_ERRORS for a bad command line or input, TrainingStopped when
+    Raises one of miselbo.runtime.cli.USER_ERRORS for a bad command line or input, TrainingStopped when
     the run stops early (signal, non-finite loss), SystemExit for argparse's --help / usage errors.
     """
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -15,8 +15,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from miselbo import distributed
-from miselbo.data import pre_process
+from miselbo.runtime import distributed
+from miselbo.data.datasets import pre_process
 from miselbo.nvae.objectives import kl_coeff, regulariser_coefficient
 from miselbo.nvae.optim import apply_warmup_learning_rate
 from miselbo.training.checkpointing import Progress

@@ -12,9 +12,9 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from miselbo.checkpoints import (CheckpointError, load_nvae_checkpoint, read_checkpoint,
-                                 resolve_checkpoint_path)
-from miselbo.cli import UserError
+from miselbo.errors import CheckpointError
+from miselbo.storage.checkpoints import load_nvae_checkpoint, read_checkpoint, resolve_checkpoint_path
+from miselbo.errors import UserError
 from miselbo.nvae.model import is_decoder_key
 
 

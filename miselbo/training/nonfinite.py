@@ -6,7 +6,7 @@ GradScaler, CUDA float16, non-finite gradients are the scaler's business: it ski
 Only when one of them fails does `locate_forward` / `locate_gradient` walk the step's values in
 the order they were computed and name the first non-finite one, for the exit-3 message.
 
-Distribution validation is switched off while training and evaluating (`no_distribution_validation`):
+Distribution validation is switched off while training and evaluating (`miselbo.runtime.distribution_checks`):
 with it, torch.distributions raises a ValueError (printing the whole NaN tensor) from inside the
 forward pass before the loss can be checked.
 """
@@ -16,7 +16,6 @@ from typing import Iterable, Sequence
 
 import torch
 
-from miselbo.finite import no_distribution_validation  # noqa: F401 (used by training.run)
 
 
 def _is_finite(value) -> bool:

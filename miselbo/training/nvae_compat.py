@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from miselbo import distributed
+from miselbo.runtime import distributed
 from miselbo.nvae.distributions import output_image
 from miselbo.training.evaluation import evaluate_bounds
 

@@ -19,10 +19,12 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from miselbo.checkpoint_fields import architecture_problem
-from miselbo.checkpoints import CheckpointError, fill_defaults, require_same_architecture
-from miselbo.cli import UserError
-from miselbo.data import DataError, SUPPORTED_DATASETS, check_dataset_name, nvae_dataset_name
+from miselbo.storage.checkpoint_fields import architecture_problem
+from miselbo.errors import CheckpointError
+from miselbo.storage.checkpoints import fill_defaults, require_same_architecture
+from miselbo.errors import UserError
+from miselbo.errors import DataError
+from miselbo.data.datasets import SUPPORTED_DATASETS, check_dataset_name, nvae_dataset_name
 from miselbo.nvae.config import ModelConfig, add_nvae_train_arguments
 
 PROG = "train.py"

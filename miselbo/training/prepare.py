@@ -1,7 +1,7 @@
 """From the command line to a checked run: parse, inherit flags, validate, check the save folder.
 
 Everything a user can get wrong is refused here, before any process starts, with one paragraph
-that says what and how to fix it (exit status 2 through miselbo.cli.run_cli).
+that says what and how to fix it (exit status 2 through miselbo.runtime.cli.run_cli).
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from miselbo.checkpoints import CHECKPOINT_FILE_NAME, CheckpointError, read_checkpoint
-from miselbo.cli import UserError
-from miselbo.safe_io import UnwritableFolderError
+from miselbo.errors import CheckpointError
+from miselbo.storage.checkpoints import CHECKPOINT_FILE_NAME, read_checkpoint
+from miselbo.errors import UserError
+from miselbo.storage.safe_io import UnwritableFolderError
 from miselbo.training.joint_checkpoints import first_component_checkpoint
 from miselbo.training.new_encoder import (parent_checkpoint_path, read_parent_args,
                                           refuse_parent_folder)

@@ -19,22 +19,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from miselbo import distributed
-from miselbo.checkpoints import CheckpointError, load_state_dict_strict, read_checkpoint
-from miselbo.cli import progress as progress_bar
-from miselbo.cpu_layout import use_fast_cpu_layout
-from miselbo.data import (Loaders, build_loaders, derived_seed, num_output_dims, pre_process,
+from miselbo.runtime import distributed
+from miselbo.errors import CheckpointError
+from miselbo.storage.checkpoints import load_state_dict_strict, read_checkpoint
+from miselbo.runtime.cli import progress as progress_bar
+from miselbo.runtime.cpu_layout import use_fast_cpu_layout
+from miselbo.data.datasets import (Loaders, build_loaders, num_output_dims, pre_process,
                           start_epoch)
-from miselbo.distributed import DistributedSetup
+from miselbo.runtime.distributed import DistributedSetup
+from miselbo.seeding import step_seed
 from miselbo.nvae.config import get_arch_cells
 from miselbo.nvae.model import AutoEncoder
 from miselbo.nvae.objectives import kl_balance_alpha
 from miselbo.nvae.optim import build_optimizer, build_scheduler, step_scheduler_for_epoch
-from miselbo.safe_io import atomic_write_text
+from miselbo.storage.safe_io import atomic_write_text
 from miselbo.training.checkpointing import (ROLE_P_AND_Q, ROLE_Q, Lineage, Progress,
                                             require_parent_decoder, require_resumable,
                                             restore_training_state, save_training_checkpoint)
-from miselbo.stage_clock import StageClock
+from miselbo.runtime.stage_clock import StageClock
 from miselbo.training.epoch_test import (Draw, UnreplayableDraws, advance_like_full_test,
                                          record_draws)
 from miselbo.training.evaluation import (EvaluationInterrupted, TestResult, evaluate_bounds,
@@ -43,7 +45,8 @@ from miselbo.training.logs import (Board, RunLog, log_prior_samples, log_reconst
                                    log_step_scalars)
 from miselbo.training.loop import StepParts, train_epoch
 from miselbo.training.new_encoder import adopt_decoder, load_parent
-from miselbo.training.nonfinite import first_nonfinite_parameter, no_distribution_validation
+from miselbo.training.nonfinite import first_nonfinite_parameter
+from miselbo.runtime.distribution_checks import no_distribution_validation
 from miselbo.training.objective import RegularisedLayers
 from miselbo.training.options import data_set_of
 from miselbo.training.settings import (GRAD_SCALER_INIT_SCALE, IMAGE_LOG_PERIOD, SCALAR_LOG_PERIOD,
@@ -258,7 +261,7 @@ class TrainingSession:
             require_resumable(progress, len(loaders.train), Path(args.save) / "checkpoint.pt")
             last_checkpoint = SavedPoint(Path(args.save) / "checkpoint.pt", progress.epoch,
                                          progress.global_step)
-            torch.manual_seed(derived_seed(settings.seed, progress.global_step, setup.rank, "train"))
+            torch.manual_seed(step_seed(settings.seed, progress.global_step, setup.rank, "train"))
         layers = None
         if settings.regularised:
             layers = RegularisedLayers.encoder_of(model) if lineage.role == ROLE_Q else RegularisedLayers()
@@ -368,7 +371,7 @@ class TrainingSession:
         subset_size = getattr(self.args, "epoch_test_examples", None)
         if subset_size is None:
             return self._test(VALID_IW_SAMPLES, where)
-        data_seed, draw_seed = (derived_seed(self.settings.seed, step, self.setup.rank, "test")
+        data_seed, draw_seed = (step_seed(self.settings.seed, step, self.setup.rank, "test")
                                 for step in (0, 1))
         loader = subset_loader(self.loaders.test, subset_size, data_seed)
         draws = self._full_test_draws(loader)
@@ -392,7 +395,7 @@ class TrainingSession:
             except UnreplayableDraws as err:
                 self.log.info("--epoch_test_examples: %s, so training's random numbers differ from "
                               "a run with the full per-epoch test", err)
-            subset.dataset.reseed(derived_seed(self.settings.seed, 0, self.setup.rank, "test"))
+            subset.dataset.reseed(step_seed(self.settings.seed, 0, self.setup.rank, "test"))
         return self.test_draws
 
     def _test(self, num_samples: int, where: str, loader=None) -> TestResult:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from miselbo import distributed
+from miselbo.runtime import distributed
 
 EXIT_TRAINING_FAILED = 3
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -40,8 +40,8 @@ log q_j(z*) = log N_j(f_j^-1(z*)); the source's own density uses its own pre-flo
 The largest inversion residual is returned with the member and group where it occurred. Later
 groups' heads see the states the decoder computed from the post-flow z, as in the decoder itself.
 
-Memory holds one decoder: `miselbo.shared_decoder.share_decoder` makes the members use member 0's
-decoder modules, so the others' decoders can be freed (`miselbo.ensemble_loading` does this right
+Memory holds one decoder: `miselbo.ensemble.shared_decoder.share_decoder` makes the members use member 0's
+decoder modules, so the others' decoders can be freed (`miselbo.evaluation.members` does this right
 after loading each checkpoint).
 Compute is float32 without autocast; log-densities are summed per group in float32 and accumulated
 over groups in float64. Draws come from the `generator` passed in (deterministic for its seed; the
@@ -58,10 +58,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from miselbo.checkpoints import architecture_differences
+from miselbo.storage.checkpoints import architecture_differences
 from miselbo.nvae.distributions import Normal, reconstruction_loss
 from miselbo.nvae.model import AutoEncoder, EncoderFeatures
-from miselbo.shared_decoder import uses_shared_decoder
+from miselbo.ensemble.shared_decoder import uses_shared_decoder
 
 __all__ = ["Ensemble", "EnsembleLogWeights", "ReducedLogWeights", "default_chunk_size", "DEFAULT_PASS_ROWS",
            "stacked_head", "head_base"]

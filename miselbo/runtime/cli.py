@@ -14,19 +14,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 from tqdm import tqdm
 
-from miselbo.checkpoints import CheckpointError
-from miselbo.data import DataError
-from miselbo.safe_io import SafeIOError
+from miselbo.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, USER_ERRORS, UserError
 
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
-
-
-class UserError(Exception):
-    """A mistake in the command line or the inputs; the message says what, where and how to fix it."""
-
-
-USER_ERRORS = (UserError, CheckpointError, DataError, SafeIOError)
+__all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "USER_ERRORS", "UserError", "progress", "progress_enabled",
+           "require_positive", "resolve_device", "run_cli"]
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,

@@ -2,7 +2,7 @@
 results.json, the ablation's CSV and plot, and the samples figure.
 
 Per batch, `ValuePlan.per_example` turns the ensemble's per-sample reductions (log p, own log q and
-the mixture log q of every sample, `miselbo.ensemble.ReducedLogWeights`) into one row of numbers per
+the mixture log q of every sample, `miselbo.ensemble.log_weights.ReducedLogWeights`) into one row of numbers per
 example (every requested estimator, every member's IWELBO, the matched baseline and, for the
 ablation, every estimator of the sub-ensemble of the first S' members with the first L' samples).
 Rows of all
@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from miselbo import estimators as est
-from miselbo.safe_io import atomic_write_bytes, atomic_write_text
+from miselbo.storage.safe_io import atomic_write_bytes, atomic_write_text
 
 # Estimators reduced from the full tensors; "iwelbo" means every member's own IWELBO.
 BOUND_FUNCTIONS = {
@@ -104,7 +104,7 @@ class ValuePlan:
 
     def per_example(self, weights) -> torch.Tensor:
         """[B, K] float64 on the CPU, K = len(columns()), in column order, from a
-        miselbo.ensemble.ReducedLogWeights (with active / prefix mixtures / extra draws as planned)."""
+        miselbo.ensemble.log_weights.ReducedLogWeights (with active / prefix mixtures / extra draws as planned)."""
         values = [_bound_values(name, weights.log_p, weights.log_q_own, weights.log_q_mix) for name in self.bounds]
         values += [_subset_values(name, weights) for name in self.subset_estimators]
         if self.active_only:

@@ -8,10 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-from miselbo import stage_record
-from miselbo.checkpoints import CHECKPOINT_FILE_NAME, read_checkpoint
-from miselbo.safe_io import atomic_torch_save, atomic_write_text
-from miselbo.stop_signals import StopSignal, signals_raise
+from miselbo.pipeline import stage_record
+from miselbo.storage.checkpoints import CHECKPOINT_FILE_NAME, read_checkpoint
+from miselbo.storage.safe_io import atomic_torch_save, atomic_write_text
+from miselbo.runtime.stop_signals import StopSignal, signals_raise
 from miselbo.training.options import data_set_of
 
 PROG = "python -m miselbo.pipeline"  # as miselbo.pipeline.PROG (that module imports this one)

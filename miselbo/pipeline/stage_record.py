@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from miselbo.checkpoints import read_checkpoint
-from miselbo.cli import UserError
-from miselbo.safe_io import atomic_write_text
+from miselbo.storage.checkpoints import read_checkpoint
+from miselbo.errors import UserError
+from miselbo.storage.safe_io import atomic_write_text
 from miselbo.training.options import LOCAL_FLAGS, build_parser, data_set_of
 
 RECORD_FILE_NAME = "pipeline_stages.json"

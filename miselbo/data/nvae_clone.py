@@ -1,19 +1,14 @@
-"""Running inside a clone of NVAE: safe checkpoint loading for NVAE's scripts, and NVAE's data sets.
+"""Running inside a clone of NVAE: NVAE's data sets.
 
-* `allow_nvae_checkpoints_in_torch_load()`: registers the types an NVAE checkpoint holds beyond
-  tensors and plain containers (`miselbo.checkpoints.SAFE_CHECKPOINT_GLOBALS`, nothing more) as safe
-  globals of `torch.load`, so a plain `torch.load(path)` (weights_only, the default since torch 2.6),
-  as NVAE's evaluate.py calls it, reads NVAE-format checkpoints. A file needing any other object is
-  still refused by torch. `import train` calls it.
-* Data sets this project does not load itself (omniglot, celeba_64, imagenet_32, ffhq, lsun_*, ...):
-  when a `datasets.py` that defines NVAE's `get_loaders_eval(dataset, args)` sits next to the running
-  script or on `sys.path` (a clone of NVAE), its loader provides the images. We call it once per data
-  set and root with `distributed=False`, keep the two data sets of the loaders it returns
-  (`(train_queue, valid_queue, num_classes)`) and serve their images through our own loaders, so
-  batch size, workers, distributed sampling and seeding stay ours. Item i is drawn with torch's
-  global generator seeded from (the data set's current seed, i) and restored afterwards, so the
-  random transforms of NVAE's loader (dynamic binarisation, flips) are reproducible and leave the
-  training draws alone. Only torch's generator is seeded (torchvision's transforms draw from it).
+Data sets this project does not load itself (omniglot, celeba_64, imagenet_32, ffhq, lsun_*, ...):
+when a `datasets.py` that defines NVAE's `get_loaders_eval(dataset, args)` sits next to the running
+script or on `sys.path` (a clone of NVAE), its loader provides the images. We call it once per data
+set and root with `distributed=False`, keep the two data sets of the loaders it returns
+(`(train_queue, valid_queue, num_classes)`) and serve their images through our own loaders, so
+batch size, workers, distributed sampling and seeding stay ours. Item i is drawn with torch's
+global generator seeded from (the data set's current seed, i) and restored afterwards, so the
+random transforms of NVAE's loader (dynamic binarisation, flips) are reproducible and leave the
+training draws alone. Only torch's generator is seeded (torchvision's transforms draw from it).
 """
 from __future__ import annotations
 
@@ -26,20 +21,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from miselbo.checkpoints import SAFE_CHECKPOINT_GLOBALS
-from miselbo.data import DataError, mix_seed
+from miselbo.errors import DataError
 from miselbo.nvae import config
 from miselbo.nvae.config import default_nvae_args
+from miselbo.seeding import UINT64_MASK, mix_seed
 
 CLONE_DATASETS_FILE = "datasets.py"
 _CLONE_MARKER = "def get_loaders_eval("  # NVAE's datasets.py defines get_loaders_eval(dataset, args)
 _MODULE_NAME = "_miselbo_nvae_clone_datasets"
-_UINT64_MASK = (1 << 64) - 1
-
-
-def allow_nvae_checkpoints_in_torch_load() -> None:
-    """Let plain torch.load (weights_only) read NVAE checkpoints: allow exactly our allow-list."""
-    torch.serialization.add_safe_globals(list(SAFE_CHECKPOINT_GLOBALS))
 
 
 # ----------------------------------------------------------------------------- finding the clone
@@ -135,7 +124,7 @@ class CloneImages(Dataset):
         self.seed = 0
 
     def reseed(self, seed: int) -> None:
-        self.seed = seed & _UINT64_MASK
+        self.seed = seed & UINT64_MASK
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -2,18 +2,20 @@
 
 Every random choice depends on the seed and an example index, never on which process does the work:
 item i of a data set is binarised (MNIST) or flipped with the data set's generator seeded from
-derived_seed(seed, i, STREAM_BINARISE); a batch starting at example i draws its samples from
-derived_seed(seed, i, STREAM_DRAWS) and its S2A / S2S subsets from derived_seed(seed, i, STREAM_SUBSETS).
+example_seed(seed, i, STREAM_BINARISE); a batch starting at example i draws its samples from
+example_seed(seed, i, STREAM_DRAWS) and its S2A / S2S subsets from example_seed(seed, i, STREAM_SUBSETS).
 """
 from __future__ import annotations
 
 import torch
 
-from miselbo.data import DataError, mix_seed, check_batch_for_dataset, check_dataset_name, image_format, load_dataset, pre_process
-from miselbo.ensemble_loading import LoadedMembers, evaluation_dataset_of
+from miselbo.errors import DataError
+from miselbo.data.datasets import (check_batch_for_dataset, check_dataset_name, image_format, load_dataset,
+                                   pre_process)
+from miselbo.evaluation.members import LoadedMembers, evaluation_dataset_of
+from miselbo.seeding import example_seed
 
 STREAM_BINARISE, STREAM_DRAWS, STREAM_SUBSETS = 1, 2, 3
-derived_seed = mix_seed  # derived_seed(seed, example index, stream)
 
 
 class EvaluationExamples:
@@ -38,7 +40,7 @@ class EvaluationExamples:
         else:
             images = []
             for index in range(start, stop):
-                self.source.reseed(derived_seed(self.seed, index, STREAM_BINARISE))
+                self.source.reseed(example_seed(self.seed, index, STREAM_BINARISE))
                 images.append(self.source[index][0])
             x = pre_process(torch.stack(images), self.num_x_bits)
         check_batch_for_dataset(x, self.dataset, where=f"evaluation examples {start}..{stop - 1}")

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from miselbo.cli import UserError
+from miselbo.errors import UserError
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")

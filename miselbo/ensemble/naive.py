@@ -1,4 +1,4 @@
-"""The slow reference for `miselbo.ensemble.Ensemble`: the ensemble's log-weights by S*S*L full
+"""The slow reference for `miselbo.ensemble.log_weights.Ensemble`: the ensemble's log-weights by S*S*L full
 forward passes, one sample at a time (tests/test_ensemble.py compares the two; benchmarks/
 eval_speed.py times both)."""
 from __future__ import annotations

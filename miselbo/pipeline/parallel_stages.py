@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from miselbo.cli import UserError
-from miselbo.distributed import cpu_threads_per_process
+from miselbo.errors import UserError
+from miselbo.runtime.distributed import cpu_threads_per_process
 
 PARENT_PID_VARIABLE = "MISELBO_PARENT_PID"  # read by miselbo.training.__main__
 POLL_SECONDS = 0.5

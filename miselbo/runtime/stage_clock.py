@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from miselbo.safe_io import atomic_write_text
+from miselbo.storage.safe_io import atomic_write_text
 
 
 @dataclass

@@ -30,13 +30,11 @@ import stat
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from miselbo.errors import SafeIOError
+
 SIDECAR_SUFFIX = ".sha256"
 _HASH_CHUNK_BYTES = 1 << 20
 _MAX_SIDECAR_BYTES = 4096  # a sidecar is one line: 64 hex digits, two spaces, a file name
-
-
-class SafeIOError(Exception):
-    """A file could not be written or verified; the message says which file and why."""
 
 
 class UnwritableFolderError(SafeIOError):

@@ -359,7 +359,7 @@ class reduced:  # noqa: N801 (a namespace of functions)
     Inputs are [..., S, L] float64 tensors: log_p, log_q_own = log q_s(z_sl) and
     log_q_mix = log (1/S) sum_j q_j(z_sl) (or the mixture of a subset). On the same numbers they
     equal the full-tensor functions (the full ones call these kernels). No validation here: the
-    caller (e.g. miselbo.ensemble.Ensemble.reduced_weights) produces the tensors.
+    caller (e.g. miselbo.ensemble.log_weights.Ensemble.reduced_weights) produces the tensors.
     """
 
     @staticmethod

@@ -24,9 +24,11 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from miselbo.checkpoint_fields import validate_checkpoint_fields
+from miselbo.errors import CheckpointError
+from miselbo.storage.checkpoint_fields import validate_checkpoint_fields
 from miselbo.nvae.config import BERNOULLI_DATASETS, NVAE_TRAIN_FLAGS, get_arch_cells
-from miselbo.safe_io import SafeIOError, atomic_torch_save, read_verified_bytes
+from miselbo.errors import SafeIOError
+from miselbo.storage.safe_io import atomic_torch_save, read_verified_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +50,11 @@ _MAX_LISTED_KEYS = 10
 ModelFactory = Callable[[argparse.Namespace], nn.Module]
 
 
-class CheckpointError(Exception):
-    """A checkpoint cannot be used; the one-paragraph message says which file and why."""
+def allow_nvae_checkpoints_in_torch_load() -> None:
+    """Let plain torch.load (weights_only, the default since torch 2.6), as NVAE's evaluate.py calls it,
+    read NVAE-format checkpoints: registers exactly SAFE_CHECKPOINT_GLOBALS as safe globals, so a file
+    needing any other object is still refused by torch. `import train` calls it."""
+    torch.serialization.add_safe_globals(list(SAFE_CHECKPOINT_GLOBALS))
 
 
 # ----------------------------------------------------------------------------- reading

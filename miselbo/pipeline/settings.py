@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from miselbo.checkpoints import CHECKPOINT_FILE_NAME
-from miselbo.cli import UserError, require_positive
-from miselbo.presets import PRESETS, get_preset
+from miselbo.storage.checkpoints import CHECKPOINT_FILE_NAME
+from miselbo.errors import UserError
+from miselbo.runtime.cli import require_positive
+from miselbo.pipeline.presets import PRESETS, get_preset
 
 PROG = "python -m miselbo.pipeline"
 DESCRIPTION = ("The main job in one command: train p_theta + q_phi_1, train more encoders against the "
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="one seed per encoder (default 1..S)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                        help="architecture and schedule (miselbo/presets.py); any NVAE train.py flag "
+                        help="architecture and schedule (miselbo/pipeline/presets.py); any NVAE train.py flag "
                              "given overrides it")
     parser.add_argument("--num_iw_samples", type=int, default=None,
                         help="importance samples L per encoder (default: the preset's: 20 for demo and "

@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from miselbo.safe_io import SIDECAR_SUFFIX, atomic_write_text
+from miselbo.storage.safe_io import SIDECAR_SUFFIX, atomic_write_text
 
 INDEX_FILE_NAME = "outputs.json"
 STAGING_PREFIX = ".staging-"

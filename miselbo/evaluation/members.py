@@ -11,7 +11,7 @@
 
 Data-set names: our checkpoints store NVAE's name in `args.dataset` ('mnist') and the data set the
 run read in `args.miselbo_dataset` ('mnist5k'); a file that stores 'mnist5k' in `args.dataset` is
-built as 'mnist' too (`miselbo.data.nvae_dataset_name`).
+built as 'mnist' too (`miselbo.data.datasets.nvae_dataset_name`).
 """
 from __future__ import annotations
 
@@ -23,16 +23,16 @@ from typing import Sequence
 
 import torch
 
-from miselbo.checkpoints import (CHECKPOINT_FILE_NAME, CheckpointError, build_nvae_model,
-                                 checkpoint_decoder_fingerprint, load_nvae_checkpoint,
-                                 require_same_architecture)
-from miselbo.cli import UserError
-from miselbo.data import NVAE_EQUIVALENT
-from miselbo.shared_decoder import share_decoder
+from miselbo.errors import CheckpointError
+from miselbo.storage.checkpoints import (CHECKPOINT_FILE_NAME, build_nvae_model, checkpoint_decoder_fingerprint,
+                                         load_nvae_checkpoint, require_same_architecture)
+from miselbo.errors import UserError
+from miselbo.data.datasets import NVAE_EQUIVALENT
+from miselbo.ensemble.shared_decoder import share_decoder
 from miselbo.nvae.model import AutoEncoder
 
 MANIFEST_FILE_NAME = "manifest.json"
-DEMO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+DEMO_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 PREFERRED_DEMO = "mnist5k_demo"
 
 

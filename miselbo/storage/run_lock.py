@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from miselbo.cli import UserError
+from miselbo.errors import UserError
 
 LOCK_FILE_NAME = "run.lock"
 _MAX_ATTEMPTS = 20

@@ -4,14 +4,12 @@
 does it re-score the first bad example with each member alone (its own log-weights
 log p(x, z) - log q(z | x), one draw) to name the checkpoint responsible.
 
-`no_distribution_validation` switches torch.distributions' argument checks off for a block, so a
-NaN reaches these checks instead of raising a ValueError (with the whole tensor printed) from
-inside the forward pass. Checkpoints with non-finite weights never get this far: reading them is
-refused (exit 2, miselbo.checkpoint_fields).
+An evaluation runs inside `miselbo.runtime.distribution_checks.no_distribution_validation`, so a
+NaN reaches these checks instead of raising a ValueError from inside the forward pass. Checkpoints with non-finite weights never get this far: reading them is
+refused (exit 2, miselbo.storage.checkpoint_fields).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
@@ -22,17 +20,6 @@ EXIT_NONFINITE = 3
 class NonFiniteEvaluation(Exception):
     """An evaluation produced NaN or infinite values; the message names the member and example."""
     exit_code = EXIT_NONFINITE
-
-
-@contextlib.contextmanager
-def no_distribution_validation():
-    """torch.distributions argument validation off for the block (restored afterwards)."""
-    previous = torch.distributions.Distribution._validate_args
-    torch.distributions.Distribution.set_default_validate_args(False)
-    try:
-        yield
-    finally:
-        torch.distributions.Distribution.set_default_validate_args(previous)
 
 
 def require_finite_rows(rows: torch.Tensor, example_indices: torch.Tensor, batch_of, models: Sequence,
@@ -61,7 +48,7 @@ def require_finite_rows(rows: torch.Tensor, example_indices: torch.Tensor, batch
 
 @torch.no_grad()
 def _first_nonfinite_member(x: torch.Tensor, models: Sequence) -> int | None:
-    from miselbo.ensemble import Ensemble  # the ensemble module is only needed on failure
+    from miselbo.ensemble.log_weights import Ensemble  # the ensemble module is only needed on failure
     generator = torch.Generator(device=x.device).manual_seed(0)
     for index, model in enumerate(models):
         weights = Ensemble([model], check_decoders=False).log_weights(x, 1, generator)

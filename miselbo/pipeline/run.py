@@ -9,7 +9,7 @@ Stages (one progress bar over them, each stage shows its own):
   1. `train.py --save p_and_q1 --seed <seed_1>`                         decoder + first encoder
   2. `train.py --train_new_q --p_and_q1_path <stage 1> --save q<s> --seed <seed_s>`, s = 2..S
      (on CPU side by side, each a single-threaded child process logging to <out>/logs/q<s>.log;
-     --parallel_stages 1 runs them one after another in this process; miselbo.parallel_stages)
+     --parallel_stages 1 runs them one after another in this process; miselbo.pipeline.parallel_stages)
   3. `miselbo_eval.py --checkpoints <all S> --ablation --save <out>/results`
      (on CPU its batches split over the cores, `--world_size`; see --eval_processes)
 With `--joint OBJECTIVE` stage 2 is ONE run, `train.py --train_new_q ... --save joint
@@ -21,7 +21,7 @@ Everything lands in `--out` (`eval-p_and_q1/`, `eval-q2/`, ..., `results/`, and
 command continues: a stage whose checkpoint has all its epochs is skipped, an interrupted one
 resumes with `--cont_training`; a re-run whose settings differ from a stage in `--out` is refused
 (exit 2) unless `--retrain_changed` is given. The presets (architecture and schedule) are defined in
-miselbo/presets.py; flags this module does not know are handed to every training stage unchanged
+miselbo/pipeline/presets.py; flags this module does not know are handed to every training stage unchanged
 (NVAE's flags: architecture, epochs, learning rate, ...), and override the preset. `--export DIR`
 writes the S checkpoints, without optimizer state, into a `models/`-style folder with a manifest
 written from what the checkpoints record. At the end it prints the wall time of every stage (for
@@ -38,13 +38,18 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from miselbo import distributed, evaluate, parallel_stages, stage_clock, stage_record, training
-from miselbo.checkpoints import read_checkpoint
-from miselbo.cli import progress, resolve_device, run_cli
-from miselbo.pipeline_export import export_ensemble, export_stoppable  # noqa: F401 (tests call them here)
-from miselbo.pipeline_settings import (JOINT_STAGE, PROG, RETRAIN_FLAG, PipelineSettings,  # noqa: F401
+from miselbo.runtime import distributed
+from miselbo.evaluation import evaluate
+from miselbo.pipeline import parallel_stages
+from miselbo.runtime import stage_clock
+from miselbo.pipeline import stage_record
+from miselbo import training
+from miselbo.storage.checkpoints import read_checkpoint
+from miselbo.runtime.cli import progress, resolve_device, run_cli
+from miselbo.pipeline.export import export_ensemble, export_stoppable  # noqa: F401 (tests call them here)
+from miselbo.pipeline.settings import (JOINT_STAGE, PROG, RETRAIN_FLAG, PipelineSettings,  # noqa: F401
                                        build_parser, parse_settings)
-from miselbo.presets import get_preset
+from miselbo.pipeline.presets import get_preset
 from miselbo.training.run import RESULT_FILE_NAME as TRAIN_RESULT_FILE_NAME
 
 STAGE_TIMES_FILE_NAME = "stage_times.json"  # seconds per stage and training part
@@ -352,6 +357,3 @@ def _main(argv: Sequence[str] | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(_main, argv, prog=PROG)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """One evaluation process's share of the examples: its whole batches, each batch's log-weights
 with its own seeded draws, the per-example rows the value plan asks for, and the gathering of
-every process's rows in example order (miselbo_eval.py --world_size; see miselbo.evaluate).
+every process's rows in example order (miselbo_eval.py --world_size; see miselbo.evaluation.evaluate).
 
 Each batch's draws come from a generator seeded by (seed, the batch's first example), so the rows
 do not depend on how the batches are shared out.
@@ -13,15 +13,16 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from miselbo import distributed
-from miselbo import results as report
-from miselbo.cli import progress
-from miselbo.ensemble import Ensemble
-from miselbo.eval_data import STREAM_DRAWS, STREAM_SUBSETS, EvaluationExamples, derived_seed
-from miselbo.finite import NonFiniteEvaluation
+from miselbo.runtime import distributed
+from miselbo.evaluation import report
+from miselbo.runtime.cli import progress
+from miselbo.ensemble.log_weights import Ensemble
+from miselbo.evaluation.examples import STREAM_DRAWS, STREAM_SUBSETS, EvaluationExamples
+from miselbo.seeding import example_seed
+from miselbo.evaluation.finite import NonFiniteEvaluation
 
-if TYPE_CHECKING:  # the settings are only read here; evaluate imports this module
-    from miselbo.evaluate import EvalSettings
+if TYPE_CHECKING:
+    from miselbo.evaluation.settings import EvalSettings
 
 
 @dataclass
@@ -69,7 +70,7 @@ def evaluate_shard(ensemble: Ensemble, examples: EvaluationExamples, plan: repor
         for start, stop in batches:
             began = time.perf_counter()
             x = examples.batch(start, stop).to(device)
-            draws = torch.Generator(device=device).manual_seed(derived_seed(settings.seed, start, STREAM_DRAWS))
+            draws = torch.Generator(device=device).manual_seed(example_seed(settings.seed, start, STREAM_DRAWS))
             weights = batch_weights(ensemble, x, plan, settings, start, draws)
             check_flow_residual(weights, settings.max_flow_residual, paths, start)
             rows = plan.per_example(weights)
@@ -86,7 +87,7 @@ def evaluate_shard(ensemble: Ensemble, examples: EvaluationExamples, plan: repor
 def active_subsets(batch: int, num_members: int, num_active: int, seed: int, start: int) -> torch.Tensor:
     """[B, S] bool: each example's A members, uniform without replacement, one randperm per example
     from a generator seeded by (seed, first example of the batch)."""
-    generator = torch.Generator().manual_seed(derived_seed(seed, start, STREAM_SUBSETS))
+    generator = torch.Generator().manual_seed(example_seed(seed, start, STREAM_SUBSETS))
     active = torch.zeros(batch, num_members, dtype=torch.bool)
     for row in range(batch):
         active[row, torch.randperm(num_members, generator=generator)[:num_active]] = True
