@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from miselbo.runtime.cli import resolve_device  # noqa: E402
 from miselbo.data.datasets import load_dataset  # noqa: E402
-from miselbo.ensemble.log_weights import Ensemble, default_chunk_size  # noqa: E402
+from miselbo.ensemble.log_weights import Ensemble, default_chunk_size, stacked_head  # noqa: E402
 from miselbo.ensemble.naive import naive_log_weights  # noqa: E402
 from miselbo.ensemble.shared_decoder import share_decoder  # noqa: E402
 from miselbo.evaluation.examples import EvaluationExamples  # noqa: E402
@@ -185,7 +185,7 @@ def floor_passes(decoder: AutoEncoder, x: torch.Tensor, latents_post: list, chun
 def head_convolutions(ensemble: Ensemble, batch_rows: int, device: torch.device, repeats: int = 20) -> dict:
     """Milliseconds of the S heads of one 8x8 group: ours vs combiner conv + grouped sampler conv."""
     group = ensemble.num_groups - 1  # a finest-scale group
-    weight, padding, dilation = ensemble._head_weights[group]
+    weight, padding, dilation = stacked_head(ensemble.members, group)
     members = ensemble.members
     channels_dec = weight.shape[1]
     _, height, width = members[0].latent_shapes[group]

@@ -1,8 +1,8 @@
 """Separate vs joint training of three encoders against one frozen decoder (train.py
---num_new_encoders), the comparison of issue 14.
+--num_new_encoders).
 
 Configurations, each for every base seed s (components get seeds s, s + 1, s + 2):
-  (a) separate     three `train.py --train_new_q` runs, seeds s, s + 1, s + 2 (today's way)
+  (a) separate     three `train.py --train_new_q` runs, seeds s, s + 1, s + 2 (the pipeline's default)
   (b) independent  one run, `--num_new_encoders 3 --mixture_objective independent`
   (c) miselbo      one run, `--num_new_encoders 3 --mixture_objective miselbo`
   (d) s2a          one run, `--num_new_encoders 3 --mixture_objective s2a --num_active 1`

@@ -11,7 +11,7 @@ evaluator's path, memory linear in S):
           A x L decoder samples per example, still scored under all S posteriors (S2A; S2S uses the
           same passes).
 
-Each is warmed up untimed once at the smallest S, then timed once per S (the lead runs the full
+Each is warmed up untimed once at the smallest S, then timed once per S (run the full
 version on a quiet machine). ideal_ratio = A / S is the share of decoder samples S2A needs; the
 S bottom-up passes per batch and the S posterior heads per group are paid by both.
 

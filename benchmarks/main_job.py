@@ -9,7 +9,7 @@ into a new folder, then reads the `stage_times.json` it writes: per stage the wa
 for training stages steps (including data loading), data_loading on its own, epoch_tests,
 checkpoints and final_test. `--threads N` sets torch's intra-op threads (OMP_NUM_THREADS and
 MKL_NUM_THREADS) and `--omp_passive` sets OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep
-instead of spinning), so the lead can compare CPU settings on one machine. The last line printed
+instead of spinning), so CPU settings can be compared on one machine. The last line printed
 is `RESULT {json}`: {"stages": {stage: {part: seconds}}, "total": seconds, "wall_seconds": the
 subprocess's wall time, "settings": ...}. Times depend on the machine and on its load.
 """

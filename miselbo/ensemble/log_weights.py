@@ -21,7 +21,7 @@ conv (Ws_j, bs_j) with zero padding and F_j the bottom-up feature. Both are line
 where (Ws_j o Wc_j)[o, i] = sum_c Ws_j[o, c] Wc_j[c, i] (zero padding commutes with the 1x1 map).
 The S composed kernels are stacked into one [S 2L, C_dec, k, k] convolution that reads the shared
 state once; this costs less than a combiner conv with S C outputs followed by a grouped sampler
-conv (2.2-2.6x faster for S = 2..8 on one CPU thread, benchmarks/eval_speed.py), and is exact up to
+conv (benchmarks/eval_speed.py times both; docs/benchmarks.md has the ratio), and is exact up to
 float32 round-off. The stacked weights are written when the Ensemble is built and rebuilt whenever a
 head parameter changed since (checked on every call through the parameters' identities and in-place
 version counters, so a load_state_dict or an optimizer step is picked up; tests/test_ensemble.py).

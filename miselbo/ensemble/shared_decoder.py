@@ -28,7 +28,7 @@ def share_decoder(source: AutoEncoder, target: AutoEncoder) -> None:
     """
     for name, part in _decoder_parts(source).items():
         setattr(target, name, part)
-    target._collect_layers()
+    target.collect_layers()
 
 
 def uses_shared_decoder(a: AutoEncoder, b: AutoEncoder) -> bool:

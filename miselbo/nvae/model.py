@@ -136,7 +136,7 @@ class AutoEncoder(nn.Module):
         self.image_conditional = nn.Sequential(
             nn.ELU(), Conv2D(int(self.num_channels_dec * mult), config.output_channels, 3, padding=1,
                              bias=True))
-        self._collect_layers()
+        self.collect_layers()
         self.sr_u, self.sr_v = {}, {}
         self.num_power_iter = NUM_POWER_ITER
         self.enc_combiner_index = self._encoder_combiner_positions()
@@ -256,7 +256,7 @@ class AutoEncoder(nn.Module):
                     cells.append(self._cell(num_c, num_c, "normal_post"))
         return cells, mult
 
-    def _collect_layers(self) -> None:
+    def collect_layers(self) -> None:
         """all_conv_layers, all_log_norm (None without weight norm) and all_bn_layers in walk order
         (docs/nvae.md 6.7)."""
         self.all_log_norm, self.all_conv_layers, self.all_bn_layers = [], [], []
@@ -388,7 +388,7 @@ class AutoEncoder(nn.Module):
                 raise ValueError(f"{where}: z[{group}] must have shape {(batch_size, *shape)}, "
                                  f"got {tuple(latent.shape)}")
 
-    def _posterior_group(self, group, features, state, prior, z_given) -> GroupRecord:
+    def posterior_group(self, group, features, state, prior, z_given) -> GroupRecord:
         """Posterior draw (or the given pre-flow z), flows, and both densities for one group."""
         posterior = self.posterior_raw(group, features, state, prior)
         q = Normal(posterior.mu_raw, posterior.log_sigma_raw)
@@ -411,7 +411,7 @@ class AutoEncoder(nn.Module):
         records = []
 
         def choose_posterior_z(group, state, prior):
-            record = self._posterior_group(group, features, state, prior, None if z is None else z[group])
+            record = self.posterior_group(group, features, state, prior, None if z is None else z[group])
             records.append(record)
             return record.z_post
 

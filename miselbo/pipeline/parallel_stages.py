@@ -2,8 +2,8 @@
 with its share of the CPU cores. The pipeline uses it for the new-encoder stages q2..qS, which are
 independent runs against one frozen decoder.
 
-Why: the demo model is small, so one training process keeps two CPU cores only partly busy (two
-threads made its steps about 1.2x faster than one); two single-threaded runs side by side train two
+Why: the demo model is small, so one training process keeps two CPU cores only partly busy (a
+second thread speeds its steps up only a little); two single-threaded runs side by side train two
 encoders in about the time of one (benchmarks/main_job.py measures the pipeline both ways).
 
 * Each child gets OMP_NUM_THREADS = MKL_NUM_THREADS = max(1, cores // width) and writes its output

@@ -136,7 +136,7 @@ def _joint_pass(encoders, active, x, features: dict, scorer: _MixtureScorer | No
         for i, k in enumerate(active):
             block_prior = PriorRaw(_block(prior.mu_raw, i, batch), _block(prior.log_sigma_raw, i, batch))
             given = None if latents is None else latents[i][group]
-            record = encoders[k]._posterior_group(group, features[k], _block(state, i, batch),
+            record = encoders[k].posterior_group(group, features[k], _block(state, i, batch),
                                                   block_prior, given)
             kl = record.log_q - record.log_p if encoders[k].with_nf else record.q.kl(record.p)
             kl_all[i].append(kl.sum(dim=(1, 2, 3)))  # [B]
