@@ -207,8 +207,8 @@ def test_dry_run_prints_what_a_run_would_call(tmp_path, capsys):
 
 
 def _readme_nvae_commands() -> str:
-    """The code block of README's "For NVAE users" that shows a pipeline dry run and its output."""
-    text = (REPO_ROOT / "README.md").read_text()
+    """The code block of docs/nvae_users.md's "For NVAE users" that shows a pipeline dry run and its output."""
+    text = (REPO_ROOT / "docs" / "nvae_users.md").read_text()
     section = text[text.index("## For NVAE users"):]
     section = section[:section.index("\n## ", 1)]
     blocks = [chunk.split("```", 1)[0] for chunk in section.split("```bash")[1:]]

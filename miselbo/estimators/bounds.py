@@ -327,8 +327,8 @@ def some_to_some(log_p, log_q, members: Members, generator: torch.Generator | No
     s2s = (1/|A|) sum_{s in A} [ logsumexp_l (log_p[s, l] - log_q_mix_A[s, l]) - log L ],
     log_q_mix_A[s, l] = logsumexp_{j in A} log_q[s, l, j] - log |A| (the mixture of the subset only).
     It is the MISELBO of the sub-ensemble A: a lower bound on log p(x) in expectation, cheaper than
-    S2A. At L = 1 it is looser than miselbo on average over A (the entropy is concave); at larger L
-    it can be tighter (tests/test_claims.py). A = all members gives miselbo; |A| = 1 gives that
+    S2A. At L = 1 it is looser than miselbo in expectation over the draws and A (the entropy is
+    concave); at larger L it can be tighter (tests/test_claims.py). A = all members gives miselbo; |A| = 1 gives that
     member's IWELBO.
 
     ``members``: as in some_to_all. Cost: samples and densities are needed only from members in A;
