@@ -1,7 +1,7 @@
 """Several new encoders in one run (train.py --num_new_encoders): the joint objective against a
 brute-force computation with full forward passes, the checkpoint set, the acceptance run
 (decoder bit-identical, encoders differ, miselbo_eval.py takes them with the parent), K = 1 equal
-to today's run, resume after an interruption, and refused flag combinations."""
+to the single-encoder run, resume after an interruption, and refused flag combinations."""
 import json
 import math
 import signal
@@ -208,14 +208,14 @@ def test_acceptance_three_miselbo_encoders_share_the_parent_decoder(parent):
 
 
 @pytest.mark.slow
-def test_one_new_encoder_is_todays_run(parent, tmp_path):
+def test_one_new_encoder_is_the_single_encoder_run(parent, tmp_path):
     _root, parent_result = parent
-    today = training.train(_joint_argv(tmp_path, parent_result, "today"))
+    single = training.train(_joint_argv(tmp_path, parent_result, "single"))
     flagged = training.train(_joint_argv(tmp_path, parent_result, "k1", "--num_new_encoders", "1",
                                          "--mixture_objective", "miselbo"))
     assert flagged.checkpoint_path == tmp_path / "eval-k1" / "checkpoint.pt"
-    assert flagged.parameter_sha256 == today.parameter_sha256
-    assert flagged.test_nelbo == today.test_nelbo
+    assert flagged.parameter_sha256 == single.parameter_sha256
+    assert flagged.test_nelbo == single.test_nelbo
 
 
 @pytest.mark.slow

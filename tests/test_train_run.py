@@ -24,6 +24,7 @@ from miselbo.training import loop
 from miselbo.training.objective import RegularisedLayers
 from miselbo.training.settings import TrainSettings
 from miselbo.training.options import build_parser
+from miselbo.training.session import build_run_loaders
 from miselbo.training.stop import StepGuard, StopRequests, TrainingStopped
 from test_train_common import (REPO_ROOT, STEPS_PER_EPOCH, TINY_ARCH, is_decoder, load_raw,
                                one_thread, run_args)
@@ -262,7 +263,7 @@ def test_nvae_test_and_init_processes(parent):
     train_module = importlib.import_module("train")
     model, args, _ = load_nvae_checkpoint(result.checkpoint_path)
     small = argparse.Namespace(**dict(vars(args), num_test_examples=8))
-    loaders = training.run._loaders(small, DistributedSetup(), torch.device("cpu"))
+    loaders = build_run_loaders(small, DistributedSetup(), torch.device("cpu"))
     lines = []
     logger = types.SimpleNamespace(info=lambda fmt, *values: lines.append(fmt % values))
     seen = {}

@@ -4,6 +4,6 @@
 final test NELBO and −log p in nats) for pipelines.
 """
 from miselbo.training.launch import main, train
-from miselbo.training.run import TrainResult
+from miselbo.training.session import TrainResult
 
 __all__ = ["TrainResult", "main", "train"]

@@ -12,15 +12,15 @@ the same batches; the others' single runs would see other orders).
 
 Not as in a single run: no per-epoch validation (the final test runs for every component);
 checkpoints are written as a set (joint_checkpoints); `train_result.json` is written per
-component and `joint_result.json` in the experiment folder. Signals, non-finite losses, decoder
-fingerprint checks, resume and several processes behave as in miselbo.training.run.
+component and `joint_result.json` in the experiment folder. The epoch loop, signals, non-finite
+losses, decoder fingerprint checks, resume and several processes are miselbo.training.session's,
+as for a single-encoder run.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -31,35 +31,31 @@ import torch
 from miselbo.runtime import distributed
 from miselbo.errors import CheckpointError
 from miselbo.storage.checkpoints import load_nvae_checkpoint, load_state_dict_strict, read_checkpoint
-from miselbo.runtime.cli import progress as progress_bar
 from miselbo.runtime.cpu_layout import use_fast_cpu_layout
-from miselbo.data.datasets import num_output_dims, pre_process, start_epoch
+from miselbo.data.datasets import pre_process
 from miselbo.runtime.distributed import DistributedSetup
-from miselbo.seeding import step_seed
 from miselbo.ensemble.shared_decoder import share_decoder
 from miselbo.nvae.config import get_arch_cells
 from miselbo.nvae.model import AutoEncoder
 from miselbo.nvae.objectives import kl_balance_alpha
 from miselbo.nvae.optim import build_optimizer, build_scheduler
 from miselbo.storage.safe_io import atomic_write_text
-from miselbo.training.checkpointing import (ROLE_Q, Lineage, Progress, require_parent_decoder,
-                                            restore_training_state, save_training_checkpoint)
-from miselbo.training.evaluation import EvaluationInterrupted, evaluate_bounds
+from miselbo.training.checkpointing import ROLE_Q, Lineage, Progress, save_training_checkpoint
 from miselbo.training.joint_checkpoints import (JOINT_RESULT_FILE_NAME, component_folder,
                                                 recover_pending, save_component_set)
 from miselbo.training.joint_objective import JointSpec, JointTerms
 from miselbo.training.joint_step import Component, JointStep, joint_train_step
 from miselbo.training.logs import Board, RunLog
 from miselbo.training.loop import skip_batches
-from miselbo.training.new_encoder import adopt_decoder, load_parent
+from miselbo.training.new_encoder import adopt_decoder, load_parent, require_recorded_decoder
 from miselbo.training.objective import RegularisedLayers
-from miselbo.training.options import data_set_of
-from miselbo.training.run import (RESULT_FILE_NAME, TrainResult, _annotate, _follow_schedule_flags,
-                                  _loaders, _step_scheduler, finish_epoch_loss, parameter_sha256, run_session,
-                                  seed_everything)
-from miselbo.training.settings import GRAD_SCALER_INIT_SCALE, PARAMETER_AVERAGING_PERIOD, TrainSettings
-from miselbo.training.stop import (EXIT_TRAINING_FAILED, NonFiniteLoss, StepGuard, StopAfterStep,
-                                   StopRequests, TrainingStopped, signal_name)
+from miselbo.training.session import (FINAL_TEST_WHERE, SavedPoint, Session, TrainResult,
+                                      annotate_args, build_run_loaders, new_grad_scaler,
+                                      restore_optimisation, resumed_progress, seed_everything,
+                                      write_train_result)
+from miselbo.training.settings import PARAMETER_AVERAGING_PERIOD, TrainSettings
+from miselbo.training.stop import StepGuard, StopAfterStep, StopRequests
+
 
 def is_joint_run(args: argparse.Namespace) -> bool:
     """True when train.py must train several encoders together (else the single-run path)."""
@@ -106,10 +102,7 @@ def _resumed_models(args, count: int) -> tuple[list, list, list]:
         lineage = Lineage.from_checkpoint(checkpoint, args)
         if lineage.role != ROLE_Q:
             raise CheckpointError(f"{path} is not a new-encoder checkpoint; it cannot resume a joint run.")
-        model.freeze_decoder()
-        if model.decoder_fingerprint() != lineage.parent_fingerprint:
-            raise CheckpointError(f"{path}: its decoder differs from the parent decoder it records "
-                                  f"({lineage.parent_path}); the file was changed after writing.")
+        require_recorded_decoder(model, lineage, path)
         models.append(model)
         lineages.append(lineage)
         checkpoints.append(checkpoint)
@@ -129,37 +122,16 @@ def _parent_member(parent_path: str, trust: bool, decoder_owner: AutoEncoder) ->
     return model.eval()
 
 
-def run_joint_training(args: argparse.Namespace, setup: DistributedSetup, device: torch.device,
-                       resume_command: str) -> TrainResult:
-    """Like run.run_training for a joint run; returns component 1's result, except that its
-    parameter_sha256 covers every component (SHA-256 of the components' hashes in order)."""
-    return run_session(JointSession, args, setup, device, resume_command)
+@dataclass(kw_only=True)
+class JointSession(Session):
+    """One process's joint run: K components against one frozen decoder, one GradScaler, the
+    checkpoints written as a set, no per-epoch test, a final test per component."""
+    EPOCH_LABEL = "joint epoch"
 
-
-@dataclass
-class JointSession:
-    """One process's joint run: the components, the data, the epoch procedure."""
-    args: argparse.Namespace
-    settings: TrainSettings
     spec: JointSpec
-    setup: DistributedSetup
-    device: torch.device
-    loaders: object
-    components: list
-    parent: AutoEncoder | None
-    scaler: torch.amp.GradScaler
-    alpha: torch.Tensor
-    progress: Progress
-    save_dir: Path
-    guard: StepGuard
-    resume_command: str
-    log: RunLog
-    board: Board
-    saved_step: int | None = None  # global step of the last checkpoint set
-
-    @property
-    def is_main(self) -> bool:
-        return self.setup.rank == 0
+    components: list  # Component
+    parent: AutoEncoder | None  # the parent's encoder as a fixed mixture member, or None
+    alpha: torch.Tensor  # [G] KL balancing weights
 
     @property
     def models(self) -> list:
@@ -173,8 +145,8 @@ class JointSession:
         if args.cont_training and setup.rank == 0:
             recover_pending(save_dir)
         distributed.barrier()
-        loaders = _loaders(args, setup, device)
-        args = _annotate(args, setup, len(loaders.train))
+        loaders = build_run_loaders(args, setup, device)
+        args = annotate_args(args, setup, len(loaders.train))
         count = args.num_new_encoders
         checkpoints = None
         if args.cont_training:
@@ -187,43 +159,28 @@ class JointSession:
         parent = None
         if args.include_parent_encoder:
             parent = _parent_member(lineages[0].parent_path, args.trust_checkpoint, models[0]).to(device)
-        components = [cls._component(args, index, model.to(device), lineage, settings)
+        components = [_component(args, index, model.to(device), lineage, settings)
                       for index, (model, lineage) in enumerate(zip(models, lineages), start=1)]
         use_fast_cpu_layout([component.model for component in components] + ([parent] if parent else []))
-        scaler = torch.amp.GradScaler(device.type, init_scale=GRAD_SCALER_INIT_SCALE,
-                                      enabled=device.type == "cuda")
-        progress, saved_step = Progress(), None
+        scaler = new_grad_scaler(device)
+        progress, last_checkpoint = Progress(), None
         if checkpoints is not None:
             for component, checkpoint in zip(components, checkpoints):
-                restore_training_state(checkpoint, component.optimizer, component.scheduler, scaler,
-                                       Path(component.args.save))
-                _follow_schedule_flags(component.scheduler, settings)
-            progress = Progress.from_checkpoint(checkpoints[0])
-            saved_step = progress.global_step
-            torch.manual_seed(step_seed(settings.seed, progress.global_step, setup.rank, "train"))
+                restore_optimisation(checkpoint, component.optimizer, component.scheduler, scaler,
+                                     Path(component.args.save), settings)
+            progress = resumed_progress(checkpoints[0], settings, setup)
+            last_checkpoint = SavedPoint(save_dir, progress.epoch, progress.global_step)
         is_main = setup.rank == 0
         return cls(args=args, settings=settings, spec=joint_spec(args), setup=setup, device=device,
                    loaders=loaders, components=components, parent=parent, scaler=scaler,
                    alpha=kl_balance_alpha(models[0].groups_per_scale, device=device),
                    progress=progress, save_dir=save_dir, guard=StepGuard(requests, device),
                    resume_command=resume_command, log=RunLog(save_dir, enabled=is_main),
-                   board=Board(save_dir, enabled=is_main), saved_step=saved_step)
+                   board=Board(save_dir, enabled=is_main), last_checkpoint=last_checkpoint)
 
-    @staticmethod
-    def _component(args, index: int, model: AutoEncoder, lineage: Lineage,
-                   settings: TrainSettings) -> Component:
-        optimizer = build_optimizer(model.encoder_parameters(), settings.learning_rate,
-                                    settings.weight_decay, settings.fast_adamax)
-        scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs,
-                                    settings.learning_rate_min)
-        layers = RegularisedLayers.encoder_of(model) if settings.regularised else None
-        return Component(index=index, model=model, args=_component_args(args, index), lineage=lineage,
-                         optimizer=optimizer, scheduler=scheduler, layers=layers)
+    # ------------------------------------------------------------------------- the epochs
 
-    # ------------------------------------------------------------------------- the run
-
-    def run(self) -> TrainResult:
-        started = time.perf_counter()
+    def log_start(self) -> None:
         self.log.info("joint run of %d encoders (seeds %s), objective %s, %d active per step%s, "
                       "frozen decoder from %s; %d steps/epoch of %d images per process",
                       len(self.components), [c.lineage.seed for c in self.components],
@@ -234,30 +191,11 @@ class JointSession:
         if self.progress.global_step:
             self.log.info("resuming at epoch %d, global step %d", self.progress.epoch + 1,
                           self.progress.global_step)
-        for epoch in range(self.progress.epoch, self.settings.epochs):
-            self._train_one_epoch(epoch)
-            self._finish_epoch(epoch)
-        return self._final_test(started)
 
-    def _train_one_epoch(self, epoch: int) -> None:
-        progress = self.progress
-        start_epoch(self.loaders, progress.global_step - progress.step_in_epoch, self.settings.seed)
-        if progress.step_in_epoch == 0:
-            for component in self.components:
-                _step_scheduler(component.scheduler, epoch, self.settings.warmup_epochs)
-        bar = progress_bar(total=len(self.loaders.train), initial=progress.step_in_epoch,
-                           desc=f"joint epoch {epoch + 1}/{self.settings.epochs}", unit="step",
-                           **({} if self.is_main else {"disable": True}))
-        try:
-            self._steps(bar)
-        except StopAfterStep as stop:
-            self._stop(stop.signal_number, f"during epoch {epoch + 1}")
-        except NonFiniteLoss as err:
-            raise self._nonfinite(err, epoch) from None
-        finally:
-            bar.close()
+    def schedulers(self) -> list:
+        return [component.scheduler for component in self.components]
 
-    def _steps(self, bar) -> None:
+    def train_steps(self, bar) -> None:
         """The rest of the epoch (as loop.train_epoch, with the joint step)."""
         progress = self.progress
         for model in self.models:
@@ -288,17 +226,13 @@ class JointSession:
                           iterations_per_epoch=len(self.loaders.train), device=self.device)
         return joint_train_step(parts, x, global_step, self.guard)
 
-    def _finish_epoch(self, epoch: int) -> None:
-        epoch_loss = finish_epoch_loss(self.progress, self.device)
+    def log_epoch_loss(self, epoch: int, epoch_loss: float) -> None:
         self.log.info("epoch %d/%d done: joint training loss %.4f (nats, summed over components), "
                       "global step %d", epoch + 1, self.settings.epochs, epoch_loss,
                       self.progress.global_step)
-        self.board.scalar("train/epoch_loss", epoch_loss, self.progress.global_step)
-        if self.settings.param_check:
-            require_parent_decoder(self.models[0].decoder_fingerprint(), self.components[0].lineage,
-                                   f"during epoch {epoch + 1} (--param_check)")
-        if self.settings.checkpoints_after(epoch):
-            self._save()
+
+    def decoder_and_lineage(self) -> tuple:
+        return self.models[0], self.components[0].lineage
 
     # ------------------------------------------------------------------------- checkpoints, stops
 
@@ -307,60 +241,45 @@ class JointSession:
                  "objective": self.spec.objective}
         return partial(_write_component, component, self.scaler, self.progress, extra)
 
-    def _save(self) -> None:
+    def save(self) -> None:
         if self.is_main:
             paths = save_component_set(self.save_dir, [self._writer(c) for c in self.components])
             self.log.info("checkpoints written: %s (epoch %d done, global step %d)",
                           ", ".join(str(p) for p in paths), self.progress.epoch, self.progress.global_step)
         distributed.barrier()
-        self.saved_step = self.progress.global_step
+        self.last_checkpoint = SavedPoint(self.save_dir, self.progress.epoch, self.progress.global_step)
 
-    def _stop(self, signal_number: int, where: str) -> None:
-        self._save()
-        progress = self.progress
-        raise TrainingStopped(
-            f"training stopped by {signal_name(signal_number)} {where}, at global step "
-            f"{progress.global_step}. Checkpoints of all {len(self.components)} components written "
-            f"to {self.save_dir}/component-*. Resume with:\n  {self.resume_command}", 128 + signal_number)
+    def save_for_stop(self) -> str:
+        """The whole set again, also when the last set holds the current state."""
+        self.save()
+        return f"Checkpoints of all {len(self.components)} components written to {self.save_dir}/component-*."
 
-    def _nonfinite(self, err: NonFiniteLoss, epoch: int) -> TrainingStopped:
-        if self.saved_step is None:
-            kept = "No checkpoint had been written yet; start again, e.g. with a lower --learning_rate."
-        else:
-            kept = (f"The last good checkpoints (global step {self.saved_step}) in {self.save_dir} are "
-                    f"kept; resume from them (perhaps with a lower --learning_rate) with:\n  "
-                    f"{self.resume_command}")
-        return TrainingStopped(f"training stopped: {err} (joint run, epoch {epoch + 1}); the weights "
-                               f"were not updated with it and no checkpoint was written. {kept}",
-                               EXIT_TRAINING_FAILED)
+    def stopped_progress(self) -> str:
+        return ""
+
+    def failed_step(self, epoch: int) -> str:
+        return f"joint run, epoch {epoch + 1}"
+
+    def kept_checkpoint(self) -> str:
+        return (f"checkpoints (global step {self.last_checkpoint.global_step}) in {self.save_dir} "
+                f"are kept; resume from them")
 
     # ------------------------------------------------------------------------- the end
 
-    def _final_test(self, started: float) -> TrainResult:
+    def final_test(self, started: float) -> TrainResult:
+        """Every component's final test and result; returns component 1's result, except that its
+        parameter_sha256 covers every component (SHA-256 of the components' hashes in order)."""
         samples = self.settings.final_iw_samples
-        bpd = 1.0 / (math.log(2.0) * num_output_dims(data_set_of(self.args)))
         results = []
         for component in self.components:
-            try:
-                test = evaluate_bounds(self.loaders.test, component.model, samples,
-                                       self.settings.num_x_bits, should_stop=self.guard.stop_requested)
-            except EvaluationInterrupted:
-                self._stop(self.guard.stop_signal, "during the final test (training itself is complete)")
+            test = self.evaluate(component.model, samples, FINAL_TEST_WHERE)
             self.log.info("component %d final test (%d images, %d samples): NELBO %.4f nats, -log p "
                           "%.4f nats", component.index, test.num_images, samples, test.nelbo, test.neg_log_p)
-            folder = Path(component.args.save)
-            results.append(TrainResult(
-                checkpoint_path=folder / "checkpoint.pt", save_dir=folder, role=ROLE_Q,
-                seed=component.lineage.seed, epochs=self.progress.epoch,
-                global_step=self.progress.global_step, test_nelbo=test.nelbo,
-                test_neg_log_p=test.neg_log_p, test_nelbo_bpd=test.nelbo * bpd,
-                test_neg_log_p_bpd=test.neg_log_p * bpd, final_iw_samples=samples,
-                decoder_fingerprint=component.model.decoder_fingerprint(),
-                parameter_sha256=parameter_sha256(component.model),
-                wall_seconds=time.perf_counter() - started))
+            results.append(self.result_of(Path(component.args.save), component.model, component.lineage,
+                                          test, started))
         if self.is_main:
             for result in results:
-                atomic_write_text(result.save_dir / RESULT_FILE_NAME, result.to_json(), record_sha256=False)
+                write_train_result(result)
             summary = {"objective": self.spec.objective, "num_active": self.spec.num_active,
                        "include_parent_encoder": self.spec.include_parent,
                        "wall_seconds": time.perf_counter() - started,
@@ -371,9 +290,16 @@ class JointSession:
         return replace(results[0], parameter_sha256=every_component,
                        wall_seconds=time.perf_counter() - started)
 
-    def close(self) -> None:
-        self.board.close()
-        self.log.close()
+
+def _component(args, index: int, model: AutoEncoder, lineage: Lineage, settings: TrainSettings) -> Component:
+    """Component `index` of the run: its own optimizer, schedule, regularised layers and folder."""
+    optimizer = build_optimizer(model.encoder_parameters(), settings.learning_rate,
+                                settings.weight_decay, settings.fast_adamax)
+    scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs,
+                                settings.learning_rate_min)
+    layers = RegularisedLayers.encoder_of(model) if settings.regularised else None
+    return Component(index=index, model=model, args=_component_args(args, index), lineage=lineage,
+                     optimizer=optimizer, scheduler=scheduler, layers=layers)
 
 
 def _write_component(component: Component, scaler, progress: Progress, extra: dict, target: Path) -> Path:

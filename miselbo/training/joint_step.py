@@ -6,6 +6,7 @@ step that trains. The s2a / s2s active set of a step is drawn from a generator s
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import torch

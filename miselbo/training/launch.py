@@ -1,4 +1,5 @@
-"""Starting a run: one process, NVAE-style spawned processes per node, or torchrun.
+"""Starting a run: one process, NVAE-style spawned processes per node, or torchrun; in each
+process, `run_training` picks the session kind (single-encoder or joint) and runs it.
 
 * one process (the default): trains in this process, no process group;
 * `--num_process_per_node P --num_proc_node N --node_rank R --master_address A` (NVAE's way):
@@ -31,11 +32,14 @@ from miselbo.runtime import distributed
 from miselbo.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, USER_ERRORS, UserError
 from miselbo.runtime.cli import resolve_device, run_cli
 from miselbo.runtime.distributed import DistributedSetup
+from miselbo.runtime.distribution_checks import no_distribution_validation
 from miselbo.storage.run_lock import hold_run_lock
 from miselbo.storage.folders import removed_if_left_empty
 from miselbo.training.options import PROG
 from miselbo.training.prepare import prepare_save_folder, resolve_run_args
-from miselbo.training.run import TrainResult, run_training
+from miselbo.training.joint import JointSession, is_joint_run
+from miselbo.training.run import TrainingSession
+from miselbo.training.session import TrainResult, run_session
 from miselbo.training.stop import TrainingStopped
 
 NVAE_MASTER_PORT = 6020
@@ -123,6 +127,16 @@ def _run_process(setup: DistributedSetup, run_args, device: torch.device, comman
         return run_training(run_args, setup, device, command)
     finally:
         distributed.shutdown()
+
+
+def run_training(args, setup: DistributedSetup, device: torch.device, resume_command: str) -> TrainResult:
+    """What every process executes, whether started directly, spawned NVAE-style or by torchrun:
+    set up this process's part of the run and train it to the end (or raise TrainingStopped).
+    Several new encoders (--num_new_encoders K > 1, --include_parent_encoder) train in a
+    JointSession; K = 1 without the parent is the single-encoder TrainingSession."""
+    session_type = JointSession if is_joint_run(args) else TrainingSession
+    with no_distribution_validation():  # NaN reaches our finite checks, not a ValueError
+        return run_session(session_type, args, setup, device, resume_command)
 
 
 # ----------------------------------------------------------------------------- spawned processes

@@ -69,6 +69,15 @@ def adopt_decoder(model, parent: Parent) -> None:
         raise RuntimeError(f"decoder copy differs from the parent: {copied} != {parent.fingerprint}")
 
 
+def require_recorded_decoder(model, lineage, path: Path) -> None:
+    """A resumed new encoder (`model`, loaded from `path`): freeze its decoder and refuse it when
+    the decoder differs from the parent decoder its checkpoint records (checkpointing.Lineage)."""
+    model.freeze_decoder()
+    if model.decoder_fingerprint() != lineage.parent_fingerprint:
+        raise CheckpointError(f"{path}: its decoder differs from the parent decoder it records "
+                              f"({lineage.parent_path}); the file was changed after writing.")
+
+
 def refuse_parent_folder(save_dir: Path, parent_file: Path) -> None:
     """A new encoder must never write into its parent's folder (it would replace the parent)."""
     if save_dir.resolve() == parent_file.parent.resolve():

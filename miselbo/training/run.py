@@ -1,116 +1,53 @@
-"""One process's training run (docs/nvae.md 8.1): set up, epochs, checkpoints, final test.
+"""A single-encoder run (docs/nvae.md 8.1): one model, trained as NVAE's train.py trains it, with
+NVAE's per-epoch test, and one checkpoint file. miselbo.training.session holds the epoch loop and
+what joint runs share; miselbo.training.launch picks this session or the joint one.
 
-`run_training(args, setup, device, resume_command)` is what every process executes, whether it
-was started directly, spawned NVAE-style or by torchrun. Only rank 0 writes files.
+A p_and_q run trains decoder and encoder; a q run (--train_new_q) trains a new encoder against
+the frozen decoder of its parent (miselbo.training.new_encoder). Only rank 0 writes files.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import math
-import re
-import time
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from miselbo.runtime import distributed
 from miselbo.errors import CheckpointError
 from miselbo.storage.checkpoints import load_state_dict_strict, read_checkpoint
-from miselbo.runtime.cli import progress as progress_bar
 from miselbo.runtime.cpu_layout import use_fast_cpu_layout
-from miselbo.data.datasets import (Loaders, build_loaders, num_output_dims, pre_process,
-                          start_epoch)
+from miselbo.data.datasets import pre_process
 from miselbo.runtime.distributed import DistributedSetup
 from miselbo.seeding import step_seed
 from miselbo.nvae.config import get_arch_cells
 from miselbo.nvae.model import AutoEncoder
 from miselbo.nvae.objectives import kl_balance_alpha
-from miselbo.nvae.optim import build_optimizer, build_scheduler, step_scheduler_for_epoch
-from miselbo.storage.safe_io import atomic_write_text
-from miselbo.training.checkpointing import (ROLE_P_AND_Q, ROLE_Q, Lineage, Progress,
-                                            require_parent_decoder, require_resumable,
-                                            restore_training_state, save_training_checkpoint)
-from miselbo.runtime.stage_clock import StageClock
+from miselbo.nvae.optim import build_optimizer, build_scheduler
+from miselbo.training.checkpointing import (ROLE_P_AND_Q, ROLE_Q, Lineage, Progress, require_resumable,
+                                            save_training_checkpoint)
 from miselbo.training.epoch_test import (Draw, UnreplayableDraws, advance_like_full_test,
                                          record_draws)
-from miselbo.training.evaluation import (EvaluationInterrupted, TestResult, evaluate_bounds,
-                                         subset_loader)
+from miselbo.training.evaluation import TestResult, subset_loader
 from miselbo.training.logs import (Board, RunLog, log_prior_samples, log_reconstructions,
                                    log_step_scalars)
 from miselbo.training.loop import StepParts, train_epoch
-from miselbo.training.new_encoder import adopt_decoder, load_parent
+from miselbo.training.new_encoder import adopt_decoder, load_parent, require_recorded_decoder
 from miselbo.training.nonfinite import first_nonfinite_parameter
-from miselbo.runtime.distribution_checks import no_distribution_validation
 from miselbo.training.objective import RegularisedLayers
 from miselbo.training.options import data_set_of
-from miselbo.training.settings import (GRAD_SCALER_INIT_SCALE, IMAGE_LOG_PERIOD, SCALAR_LOG_PERIOD,
-                                       VALID_IW_SAMPLES, TrainSettings)
-from miselbo.training.stop import (EXIT_TRAINING_FAILED, NonFiniteLoss, StepGuard, StopAfterStep,
-                                   StopRequests, TrainingStopped, signal_name)
+from miselbo.training.session import (FINAL_TEST_WHERE, RESULT_FILE_NAME, SavedPoint, Session,
+                                      TrainResult, annotate_args, build_run_loaders, new_grad_scaler,
+                                      restore_optimisation, resumed_progress, seed_everything,
+                                      write_train_result)
+from miselbo.training.settings import (IMAGE_LOG_PERIOD, SCALAR_LOG_PERIOD, VALID_IW_SAMPLES,
+                                       TrainSettings)
+from miselbo.training.stop import EXIT_TRAINING_FAILED, StepGuard, StopRequests, TrainingStopped
 
-RESULT_FILE_NAME = "train_result.json"
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a finished run produced; test values are per image, in nats (and bits/dim)."""
-    checkpoint_path: Path
-    save_dir: Path
-    role: str
-    seed: int
-    epochs: int
-    global_step: int
-    test_nelbo: float
-    test_neg_log_p: float
-    test_nelbo_bpd: float
-    test_neg_log_p_bpd: float
-    final_iw_samples: int
-    decoder_fingerprint: str
-    parameter_sha256: str  # over every parameter of this process (equal on all ranks)
-    wall_seconds: float
-    rank_parameter_sha256: tuple = field(default_factory=tuple)  # one per rank, when spawned
-    seconds: dict = field(default_factory=dict)  # wall seconds per part: steps, epoch_tests, ...
-
-    def to_json(self) -> str:
-        values = {key: str(value) if isinstance(value, Path) else value
-                  for key, value in asdict(self).items()}
-        values["rank_parameter_sha256"] = list(self.rank_parameter_sha256)
-        return json.dumps(values, indent=2) + "\n"
-
-
-def _first_place(err: NonFiniteLoss) -> str:
-    """'; the first value that went non-finite: ...' when the process located it."""
-    return f"; the first value that went non-finite: {err.first_place}" if err.first_place else ""
-
-
-@dataclass(frozen=True)
-class SavedPoint:
-    path: Path
-    epoch: int
-    global_step: int
-
-
-def parameter_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 over every parameter's name and bytes (sorted by name)."""
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def seed_everything(seed: int) -> None:
-    """docs/nvae.md 8.1, step 1: torch (CPU and every CUDA device) and NumPy."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+# RESULT_FILE_NAME and TrainResult live in miselbo.training.session; importers that know them
+# as this module's names keep working.
+__all__ = ["RESULT_FILE_NAME", "TrainResult", "TrainingSession", "build_model"]
 
 
 def build_model(args: argparse.Namespace, settings: TrainSettings, device: torch.device):
@@ -139,101 +76,17 @@ def _check_resumed_role(model, lineage: Lineage, settings: TrainSettings, path: 
         raise CheckpointError(f"{path} holds a {lineage.role!r} run, which --cont_training cannot "
                               f"resume {'with' if settings.train_new_q else 'without'} --train_new_q.")
     if lineage.role == ROLE_Q:
-        model.freeze_decoder()
-        if model.decoder_fingerprint() != lineage.parent_fingerprint:
-            raise CheckpointError(f"{path}: its decoder differs from the parent decoder it records "
-                                  f"({lineage.parent_path}); the file was changed after writing.")
+        require_recorded_decoder(model, lineage, path)
 
 
-def _follow_schedule_flags(scheduler, settings: TrainSettings) -> None:
-    """After resuming, the cosine schedule follows this command's --epochs / --learning_rate_min
-    (a loaded state would keep the old period; with more epochs NVAE then divides by zero)."""
-    scheduler.T_max = float(settings.epochs - settings.warmup_epochs - 1)
-    scheduler.eta_min = settings.learning_rate_min
-
-
-def _step_scheduler(scheduler, epoch: int, warmup_epochs: int) -> None:
-    with warnings.catch_warnings():  # resumed runs step the schedule before the first update
-        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-        step_scheduler_for_epoch(scheduler, epoch, warmup_epochs)
-
-
-def _annotate(args: argparse.Namespace, setup: DistributedSetup, iterations: int) -> argparse.Namespace:
-    """The attributes NVAE's train.py adds to its namespace (they end up in the checkpoint)."""
-    return argparse.Namespace(**dict(vars(args), num_total_iter=iterations * args.epochs,
-                                     distributed=setup.world_size > 1, local_rank=setup.local_rank,
-                                     global_rank=setup.rank))
-
-
-def _loaders(args, setup: DistributedSetup, device: torch.device):
-    return build_loaders(data_set_of(args), args.data, args.batch_size, args.seed,
-                         num_workers=args.num_workers, device=device,
-                         max_train_examples=args.num_train_examples,
-                         max_test_examples=args.num_test_examples,
-                         world_size=setup.world_size, rank=setup.rank)
-
-
-def run_training(args: argparse.Namespace, setup: DistributedSetup, device: torch.device,
-                 resume_command: str) -> TrainResult:
-    """Set up this process's part of the run and train it to the end (or raise TrainingStopped).
-    Several new encoders (--num_new_encoders K > 1, --include_parent_encoder) train in
-    miselbo.training.joint; K = 1 without the parent is this single-encoder path unchanged."""
-    from miselbo.training.joint import is_joint_run, run_joint_training  # joint imports this module
-    with no_distribution_validation():  # NaN reaches our finite checks, not a ValueError
-        if is_joint_run(args):
-            return run_joint_training(args, setup, device, resume_command)
-        return _run_single(args, setup, device, resume_command)
-
-
-def _run_single(args: argparse.Namespace, setup: DistributedSetup, device: torch.device,
-                resume_command: str) -> TrainResult:
-    return run_session(TrainingSession, args, setup, device, resume_command)
-
-
-def finish_epoch_loss(progress: Progress, device: torch.device) -> float:
-    """Mean training loss of the epoch over all processes; closes the epoch in `progress`."""
-    totals = torch.tensor([progress.epoch_loss_sum, float(progress.epoch_loss_count)],
-                          dtype=torch.float64, device=device)  # [sum, count]
-    distributed.sum_tensor_(totals)
-    progress.finish_epoch()
-    return float(totals[0] / max(float(totals[1]), 1.0))
-
-
-def run_session(session_type, args: argparse.Namespace, setup: DistributedSetup, device: torch.device,
-                resume_command: str) -> TrainResult:
-    """Install the stop handlers, open `session_type` for this process, run it, always close it."""
-    requests = StopRequests(announce=setup.rank == 0)
-    with requests.installed():
-        session = session_type.open(args, setup, device, requests, resume_command)
-        try:
-            return session.run()
-        finally:
-            session.close()
-
-
-@dataclass
-class TrainingSession:
-    """The state of one process's run and the epoch-level procedure."""
-    args: argparse.Namespace  # NVAE's namespace, as stored in checkpoints
-    settings: TrainSettings
-    setup: DistributedSetup
-    is_main: bool
-    device: torch.device
-    loaders: Loaders
+@dataclass(kw_only=True)
+class TrainingSession(Session):
+    """One model's run: its optimizer and schedule, NVAE's per-epoch test, one checkpoint file."""
     model: AutoEncoder
     lineage: Lineage
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
     parts: StepParts
-    progress: Progress
-    last_checkpoint: SavedPoint | None
-    save_dir: Path
-    guard: StepGuard
-    resume_command: str
-    log: RunLog
-    board: Board
-    clock: StageClock = field(default_factory=StageClock)  # seconds per part of this run
     test_draws: list | None = None  # per-row random draws of a test pass (--epoch_test_examples)
     test_draws_recorded: bool = False  # test_draws is None after recording: not replayable
 
@@ -242,26 +95,22 @@ class TrainingSession:
              resume_command: str) -> "TrainingSession":
         settings = TrainSettings.from_args(args)
         seed_everything(settings.seed)
-        is_main = setup.rank == 0
-        loaders = _loaders(args, setup, device)
-        args = _annotate(args, setup, len(loaders.train))
+        loaders = build_run_loaders(args, setup, device)
+        args = annotate_args(args, setup, len(loaders.train))
         model, checkpoint, lineage = build_model(args, settings, device)
         trainable = model.encoder_parameters() if lineage.role == ROLE_Q else list(model.parameters())
         optimizer = build_optimizer(trainable, settings.learning_rate, settings.weight_decay,
                                     settings.fast_adamax)
         scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs,
                                     settings.learning_rate_min)
-        scaler = torch.amp.GradScaler(device.type, init_scale=GRAD_SCALER_INIT_SCALE,
-                                      enabled=device.type == "cuda")
+        scaler = new_grad_scaler(device)
+        save_dir = Path(args.save)
         progress, last_checkpoint = Progress(), None
         if checkpoint is not None:
-            restore_training_state(checkpoint, optimizer, scheduler, scaler, Path(args.save))
-            _follow_schedule_flags(scheduler, settings)
-            progress = Progress.from_checkpoint(checkpoint)
-            require_resumable(progress, len(loaders.train), Path(args.save) / "checkpoint.pt")
-            last_checkpoint = SavedPoint(Path(args.save) / "checkpoint.pt", progress.epoch,
-                                         progress.global_step)
-            torch.manual_seed(step_seed(settings.seed, progress.global_step, setup.rank, "train"))
+            restore_optimisation(checkpoint, optimizer, scheduler, scaler, save_dir, settings)
+            progress = resumed_progress(checkpoint, settings, setup)
+            require_resumable(progress, len(loaders.train), save_dir / "checkpoint.pt")
+            last_checkpoint = SavedPoint(save_dir / "checkpoint.pt", progress.epoch, progress.global_step)
         layers = None
         if settings.regularised:
             layers = RegularisedLayers.encoder_of(model) if lineage.role == ROLE_Q else RegularisedLayers()
@@ -269,26 +118,16 @@ class TrainingSession:
                           alpha=kl_balance_alpha(model.groups_per_scale, device=device),
                           layers=layers, settings=settings, iterations_per_epoch=len(loaders.train),
                           device=device)
-        save_dir = Path(args.save)
-        return cls(args=args, settings=settings, setup=setup, is_main=is_main, device=device,
-                   loaders=loaders, model=model, lineage=lineage, optimizer=optimizer,
-                   scheduler=scheduler, scaler=scaler, parts=parts, progress=progress,
-                   last_checkpoint=last_checkpoint, save_dir=save_dir,
-                   guard=StepGuard(requests, device), resume_command=resume_command,
+        is_main = setup.rank == 0
+        return cls(args=args, settings=settings, setup=setup, device=device, loaders=loaders,
+                   model=model, lineage=lineage, optimizer=optimizer, scheduler=scheduler,
+                   scaler=scaler, parts=parts, progress=progress, last_checkpoint=last_checkpoint,
+                   save_dir=save_dir, guard=StepGuard(requests, device), resume_command=resume_command,
                    log=RunLog(save_dir, enabled=is_main), board=Board(save_dir, enabled=is_main))
 
-    # ------------------------------------------------------------------------- the run
+    # ------------------------------------------------------------------------- the epochs
 
-    def run(self) -> TrainResult:
-        started = time.perf_counter()
-        self._log_start()
-        for epoch in range(self.progress.epoch, self.settings.epochs):
-            with self.clock.measure("steps"):  # includes data loading, also reported on its own
-                self._train_one_epoch(epoch)
-            self._finish_epoch(epoch)
-        return self._final_test(started)
-
-    def _log_start(self) -> None:
+    def log_start(self) -> None:
         args, progress = self.args, self.progress
         trainable = sum(p.numel() for p in self.parts.trainable)
         self.log.info("%s run, seed %d, %s, %d process(es); %d trainable parameters; data %s: %d "
@@ -302,23 +141,12 @@ class TrainingSession:
             self.log.info("resuming at epoch %d, global step %d (step %d of the epoch)",
                           progress.epoch + 1, progress.global_step, progress.step_in_epoch)
 
-    def _train_one_epoch(self, epoch: int) -> None:
-        progress = self.progress
-        start_epoch(self.loaders, progress.global_step - progress.step_in_epoch, self.settings.seed)
-        if progress.step_in_epoch == 0:  # a mid-epoch checkpoint already stepped the scheduler
-            _step_scheduler(self.scheduler, epoch, self.settings.warmup_epochs)
-        bar = progress_bar(total=self.parts.iterations_per_epoch, initial=progress.step_in_epoch,
-                           desc=f"epoch {epoch + 1}/{self.settings.epochs}", unit="step",
-                           **({} if self.is_main else {"disable": True}))
-        try:
-            train_epoch(self.parts, self.clock.timed_batches(self.loaders.train, "data_loading"),
-                        progress, self.guard, on_step=partial(self._after_step, bar))
-        except StopAfterStep as stop:
-            self._stop(stop.signal_number, f"during epoch {epoch + 1}")
-        except NonFiniteLoss as err:
-            raise self._nonfinite(err, epoch) from None
-        finally:
-            bar.close()
+    def schedulers(self) -> list:
+        return [self.scheduler]
+
+    def train_steps(self, bar) -> None:
+        train_epoch(self.parts, self.clock.timed_batches(self.loaders.train, "data_loading"),
+                    self.progress, self.guard, on_step=partial(self._after_step, bar))
 
     def _after_step(self, bar, terms, x: torch.Tensor, seconds: float) -> None:
         step = self.progress.global_step  # before its increment, as in NVAE's logging
@@ -331,29 +159,26 @@ class TrainingSession:
         if (step + 1) % IMAGE_LOG_PERIOD == 0:
             log_reconstructions(self.board, self.model, x, terms, step)
 
-    def _finish_epoch(self, epoch: int) -> None:
-        epoch_loss = finish_epoch_loss(self.progress, self.device)
+    def log_epoch_loss(self, epoch: int, epoch_loss: float) -> None:
         self.log.info("epoch %d/%d done: training loss %.4f (NELBO + regularisers, nats), global "
                       "step %d, lr %.3g", epoch + 1, self.settings.epochs, epoch_loss,
                       self.progress.global_step, self.optimizer.param_groups[0]["lr"])
-        self.board.scalar("train/epoch_loss", epoch_loss, self.progress.global_step)
-        if self.settings.param_check:
-            require_parent_decoder(self.model.decoder_fingerprint(), self.lineage,
-                                   f"during epoch {epoch + 1} (--param_check)")
-            self.log.info("--param_check: decoder fingerprint unchanged after epoch %d", epoch + 1)
-        if self.settings.validates_after(epoch):
-            with self.clock.measure("epoch_tests"):
-                self._validate(epoch)
-        if self.settings.checkpoints_after(epoch):
-            with self.clock.measure("checkpoints"):
-                self._save()
 
-    def _validate(self, epoch: int) -> None:
+    def decoder_and_lineage(self) -> tuple:
+        return self.model, self.lineage
+
+    def check_decoder(self, epoch: int) -> None:
+        super().check_decoder(epoch)
+        self.log.info("--param_check: decoder fingerprint unchanged after epoch %d", epoch + 1)
+
+    # ------------------------------------------------------------------------- the per-epoch test
+
+    def validate(self, epoch: int) -> None:
         step = self.progress.global_step
         self.model.eval()
         log_prior_samples(self.board, self.model, step)
         result = self._epoch_test(f"while testing after epoch {epoch + 1}")
-        bpd = self._bpd_coeff()
+        bpd = self.bpd_coefficient()
         self.log.info("epoch %d/%d test (%d images, %d samples): NELBO %.4f nats (%.4f bpd), "
                       "-log p %.4f nats (%.4f bpd)", epoch + 1, self.settings.epochs,
                       result.num_images, VALID_IW_SAMPLES, result.nelbo, result.nelbo * bpd,
@@ -370,7 +195,7 @@ class TrainingSession:
         them (miselbo/training/epoch_test.py), so training stays bit-identical to NVAE's."""
         subset_size = getattr(self.args, "epoch_test_examples", None)
         if subset_size is None:
-            return self._test(VALID_IW_SAMPLES, where)
+            return self.evaluate(self.model, VALID_IW_SAMPLES, where)
         data_seed, draw_seed = (step_seed(self.settings.seed, step, self.setup.rank, "test")
                                 for step in (0, 1))
         loader = subset_loader(self.loaders.test, subset_size, data_seed)
@@ -378,7 +203,7 @@ class TrainingSession:
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(draw_seed)
-            result = self._test(VALID_IW_SAMPLES, where, loader)
+            result = self.evaluate(self.model, VALID_IW_SAMPLES, where, loader)
         if draws is not None:  # training continues exactly as after NVAE's full test
             advance_like_full_test(self.loaders.test, draws, VALID_IW_SAMPLES)
         return result
@@ -398,20 +223,9 @@ class TrainingSession:
             subset.dataset.reseed(step_seed(self.settings.seed, 0, self.setup.rank, "test"))
         return self.test_draws
 
-    def _test(self, num_samples: int, where: str, loader=None) -> TestResult:
-        try:
-            return evaluate_bounds(self.loaders.test if loader is None else loader, self.model,
-                                   num_samples, self.settings.num_x_bits,
-                                   should_stop=self.guard.stop_requested)
-        except EvaluationInterrupted:
-            self._stop(self.guard.stop_signal, where)
-
-    def _bpd_coeff(self) -> float:
-        return 1.0 / (math.log(2.0) * num_output_dims(data_set_of(self.args)))
-
     # ------------------------------------------------------------------------- checkpoints, stops
 
-    def _save(self) -> Path:
+    def save(self) -> Path:
         path = self.save_dir / "checkpoint.pt"
         bad = first_nonfinite_parameter(self.model.named_parameters())
         if bad is not None:  # never replace the last good checkpoint by non-finite weights
@@ -429,58 +243,41 @@ class TrainingSession:
         self.last_checkpoint = SavedPoint(path, self.progress.epoch, self.progress.global_step)
         return path
 
-    def _stop(self, signal_number: int, where: str) -> None:
-        """Write a checkpoint of the current state (unless the last one holds it already) and raise
-        TrainingStopped (exit 128 + N)."""
+    def save_for_stop(self) -> str:
+        """A checkpoint of the current state, unless the last one holds it already."""
         last, progress = self.last_checkpoint, self.progress
         up_to_date = last is not None and (last.epoch, last.global_step) == (progress.epoch,
                                                                              progress.global_step)
-        path = last.path if up_to_date else self._save()
-        raise TrainingStopped(
-            f"training stopped by {signal_name(signal_number)} {where}, at global step "
-            f"{progress.global_step} ({progress.epoch} epoch(s) and {progress.step_in_epoch} step(s) "
-            f"of the next done). Checkpoint written to {path}. Resume with:\n  {self.resume_command}",
-            128 + signal_number)
+        return f"Checkpoint written to {last.path if up_to_date else self.save()}."
 
-    def _nonfinite(self, err: NonFiniteLoss, epoch: int) -> TrainingStopped:
+    def stopped_progress(self) -> str:
+        progress = self.progress
+        return (f" ({progress.epoch} epoch(s) and {progress.step_in_epoch} step(s) of the next "
+                f"done)")
+
+    def failed_step(self, epoch: int) -> str:
+        return (f"epoch {epoch + 1}, step {self.progress.step_in_epoch + 1} of "
+                f"{self.parts.iterations_per_epoch}")
+
+    def kept_checkpoint(self) -> str:
         last = self.last_checkpoint
-        if last is None:
-            kept = "No checkpoint had been written yet; start again, e.g. with a lower --learning_rate."
-        else:
-            kept = (f"The last good checkpoint, {last.path} ({last.epoch} epoch(s), global step "
-                    f"{last.global_step}), is kept; resume from it (perhaps with a lower "
-                    f"--learning_rate) with:\n  {self.resume_command}")
-        return TrainingStopped(
-            f"training stopped: {err} (epoch {epoch + 1}, step {self.progress.step_in_epoch + 1} of "
-            f"{self.parts.iterations_per_epoch}){_first_place(err)}; the weights were not updated "
-            f"with it and no "
-            f"checkpoint was written. {kept}", EXIT_TRAINING_FAILED)
+        return (f"checkpoint, {last.path} ({last.epoch} epoch(s), global step {last.global_step}), "
+                f"is kept; resume from it")
 
     # ------------------------------------------------------------------------- the end
 
-    def _final_test(self, started: float) -> TrainResult:
+    def final_test(self, started: float) -> TrainResult:
         samples = self.settings.final_iw_samples
         with self.clock.measure("final_test"):
-            result = self._test(samples, "during the final test (training itself is complete)")
-        bpd = self._bpd_coeff()
+            result = self.evaluate(self.model, samples, FINAL_TEST_WHERE)
+        bpd = self.bpd_coefficient()
         self.log.info("final test (%d images, %d importance samples): NELBO %.4f nats (%.4f bpd), "
                       "-log p %.4f nats (%.4f bpd)", result.num_images, samples, result.nelbo,
                       result.nelbo * bpd, result.neg_log_p, result.neg_log_p * bpd)
         self.board.scalar("test/nelbo", result.nelbo, self.progress.global_step)
         self.board.scalar("test/neg_log_p", result.neg_log_p, self.progress.global_step)
-        outcome = TrainResult(
-            checkpoint_path=self.save_dir / "checkpoint.pt", save_dir=self.save_dir,
-            role=self.lineage.role, seed=self.lineage.seed, epochs=self.progress.epoch,
-            global_step=self.progress.global_step, test_nelbo=result.nelbo,
-            test_neg_log_p=result.neg_log_p, test_nelbo_bpd=result.nelbo * bpd,
-            test_neg_log_p_bpd=result.neg_log_p * bpd, final_iw_samples=samples,
-            decoder_fingerprint=self.model.decoder_fingerprint(),
-            parameter_sha256=parameter_sha256(self.model),
-            wall_seconds=time.perf_counter() - started, seconds=dict(self.clock.seconds))
+        outcome = self.result_of(self.save_dir, self.model, self.lineage, result, started,
+                                 self.clock.seconds)
         if self.is_main:
-            atomic_write_text(self.save_dir / RESULT_FILE_NAME, outcome.to_json(), record_sha256=False)
+            write_train_result(outcome)
         return outcome
-
-    def close(self) -> None:
-        self.board.close()
-        self.log.close()
