@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from miselbo.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, USER_ERRORS, UserError
+from miselbo.runtime import flags
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "USER_ERRORS", "UserError", "progress", "progress_enabled",
            "require_positive", "resolve_device", "run_cli"]
@@ -67,7 +68,5 @@ def progress(iterable: Iterable | None = None, **kwargs) -> tqdm:
 
 
 def require_positive(flag: str, value: int) -> int:
-    """`value` if it is an int >= 1, else a UserError naming the flag."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{flag} must be a whole number >= 1, got {value!r}.")
-    return value
+    """`value` if it is an int >= 1, else a UserError naming the flag (miselbo.runtime.flags.count)."""
+    return flags.count(flag, value)
