@@ -112,7 +112,7 @@ class ValuePlan:
         log_w_own = weights.log_p - weights.log_q_own  # [B, S, L]
         values += list(est.reduced.iwelbo(log_w_own).unbind(dim=-1))
         if self.matched_baseline:
-            matched_log_w = torch.cat([log_w_own, weights.log_w_own_extra], dim=-1)  # [B, S, S L]
+            matched_log_w = _matched_log_weights(log_w_own, weights.log_w_own_extra)  # [B, S, S L]
             values += list(est.reduced.iwelbo(matched_log_w).unbind(dim=-1))
         for size in self.ablation_sizes:
             for samples in self.ablation_samples:
@@ -125,9 +125,17 @@ class ValuePlan:
         log_q_mix = weights.log_q_mix_prefix[size][:, :, :samples]  # [B, S', L']
         values = [_bound_values(name, log_p, log_q_own, log_q_mix) for name in self.ablation_estimators]
         if self.matched_baseline:
-            log_w = torch.cat([weights.log_p - weights.log_q_own, weights.log_w_own_extra], dim=-1)
+            log_w = _matched_log_weights(weights.log_p - weights.log_q_own, weights.log_w_own_extra)
             values += list(est.reduced.iwelbo(log_w[:, :size, :size * samples]).unbind(dim=-1))
         return values
+
+
+def _matched_log_weights(log_w_own: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """Each member's S x L own log-weights [B, S, S L]: the L that MISELBO used, then the (S - 1) x L
+    extra draws. With S = 1 there are no extra draws (None): the matched baseline is the IWELBO."""
+    if extra is None or extra.shape[-1] == 0:
+        return log_w_own
+    return torch.cat([log_w_own, extra], dim=-1)
 
 
 def _bound_values(name: str, log_p, log_q_own, log_q_mix) -> torch.Tensor:
