@@ -51,7 +51,9 @@ def test_member_with_overflowing_outputs_is_named(members, tmp_path):
 
 def test_healthy_members_evaluate_finitely(members):
     good, _ = members
-    results = evaluate(_settings([good, good]), images=_images())
+    settings = _settings([good, good])
+    settings.allow_duplicate_members = True  # one healthy file twice, on purpose
+    results = evaluate(settings, images=_images())
     assert results["S"] == 2
 
 

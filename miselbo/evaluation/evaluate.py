@@ -41,6 +41,15 @@ Our own flags add, among others:
                           examples includes the subset randomness. With other estimators, all members
                           are sampled and s2a / s2s are computed from the same samples.
 
+  --allow_duplicate_members
+                          evaluate even if one checkpoint file is given twice or two members have
+                          equal encoder weights (refused by default, naming both positions).
+
+Before the first batch, the memory one batch needs is estimated from the architecture, the batch
+size, L and the chunk size (miselbo/evaluation/memory.py); settings that would not fit into the
+device's available memory are refused (exit 2), naming the flag and the largest value that fits.
+The chunk size is never lowered silently: it changes which draws are made.
+
 Determinism: MNIST images are binarised with a generator seeded from (seed, example index), and the
 draws of each batch with one seeded from (seed, index of the batch's first example). Shards are
 whole batches, so --world_size does not change any number; --batch_size and --chunk_size do
@@ -80,7 +89,7 @@ from miselbo.evaluation.members import LoadedMembers, load_members
 from miselbo.evaluation.examples import EvaluationExamples, evaluation_examples
 from miselbo.evaluation.shard import evaluate_shard, gather_shard, shard_batches
 from miselbo.nvae.distributions import output_image
-from miselbo.evaluation import report
+from miselbo.evaluation import memory, report
 from miselbo.evaluation.settings import (CPU_BATCH_SIZE_CAP, PROG, EvalSettings, build_parser,  # noqa: F401
                                          settings_from_args, validated_settings)
 
@@ -130,7 +139,7 @@ def _evaluate_here(settings: EvalSettings, device: torch.device, images) -> dict
     began = time.perf_counter()
     main_process = distributed.is_main_process()
     members = load_members(settings.checkpoints, device, settings.trust_checkpoint,
-                           settings.allow_decoder_mismatch)
+                           settings.allow_decoder_mismatch, settings.allow_duplicate_members)
     if members.decoder_problems and main_process:
         print(f"{PROG}: WARNING: --allow_decoder_mismatch: {'; '.join(members.decoder_problems)}. Every "
               f"member is scored with the decoder of {members.paths[0]}.", file=sys.stderr)
@@ -138,10 +147,15 @@ def _evaluate_here(settings: EvalSettings, device: torch.device, images) -> dict
     ensemble = Ensemble(members.models, check_decoders=False)  # checked and shared by load_members
     examples = evaluation_examples(settings.dataset, settings.data, settings.eval_on_train, settings.num_examples,
                                    settings.seed, members, images)
+    if main_process and settings.num_examples is not None and settings.num_examples > len(examples):
+        print(f"{PROG}: note: --num_examples {settings.num_examples} is more than the {len(examples)} "
+              f"examples {_source_name(settings, examples, images)}; evaluating all {len(examples)}.",
+              file=sys.stderr)
     batch_size = settings.batch_size or _default_batch_size(members.args, device)
     plan = report.ValuePlan(settings.estimators, ensemble.num_members, settings.subset_size,
                             settings.S_list if settings.ablation else (),
                             settings.L_list if settings.ablation else (), settings.matched_baseline)
+    _require_memory(settings, members.models[0].config, len(examples), batch_size, device)
     batches = shard_batches(len(examples), batch_size, distributed.rank(), distributed.world_size())
     show = settings.show_progress if main_process else False
     shard = evaluate_shard(ensemble, examples, plan, settings, batches, device, show, members.paths)
@@ -161,6 +175,22 @@ def _evaluate_here(settings: EvalSettings, device: torch.device, images) -> dict
     return results
 
 
+def _source_name(settings: EvalSettings, examples: EvaluationExamples, images) -> str:
+    if images is not None:
+        return "given"
+    return f"in the {'training' if settings.eval_on_train else 'test'} split of {examples.dataset}"
+
+
+def _require_memory(settings: EvalSettings, config, num_examples: int, batch_size: int,
+                    device: torch.device) -> None:
+    """Refuse (exit 2, naming the flag and the largest value that fits) settings whose batches would
+    not fit into this process's share of the device's memory; see miselbo.evaluation.memory."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size()))
+    typed = memory.FlagValues(settings.num_iw_samples, batch_size, settings.batch_size is not None,
+                              settings.chunk_size)
+    memory.require_evaluation_fits(config, settings, num_examples, typed, device, processes)
+
+
 def _default_batch_size(args: argparse.Namespace, device: torch.device) -> int:
     stored = int(getattr(args, "batch_size", CPU_BATCH_SIZE_CAP) or CPU_BATCH_SIZE_CAP)
     return min(stored, CPU_BATCH_SIZE_CAP) if device.type == "cpu" else stored
@@ -178,6 +208,8 @@ def _assemble(settings, members: LoadedMembers, examples, plan, rows, residual, 
                         for path, fingerprint in zip(members.paths, members.fingerprints)],
         "decoder_problems": members.decoder_problems,
     }
+    if members.duplicates:  # allowed by --allow_duplicate_members
+        results["duplicate_members"] = [list(pair) for pair in members.duplicates]
     results.update(report.summarise(plan, rows, results["num_output_dims"]))
     if plan.subset_estimators:
         results["subset_size"] = settings.subset_size

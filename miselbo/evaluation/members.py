@@ -7,7 +7,8 @@
 * `load_members(paths, ...)`: loads every checkpoint safely and strictly, one at a time, checks
   that all have the architecture of the first (naming the flags that differ) and the same decoder
   fingerprint (naming the checkpoints that differ), then makes every member use the first member's
-  decoder modules, so memory holds one decoder.
+  decoder modules, so memory holds one decoder. A checkpoint file given twice, or two members with
+  equal encoder weights, is refused naming both positions (unless duplicates are allowed).
 
 Data-set names: our checkpoints store NVAE's name in `args.dataset` ('mnist') and the data set the
 run read in `args.miselbo_dataset` ('mnist5k'); a file that stores 'mnist5k' in `args.dataset` is
@@ -16,6 +17,7 @@ built as 'mnist' too (`miselbo.data.datasets.nvae_dataset_name`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,8 @@ from miselbo.storage.checkpoints import (CHECKPOINT_FILE_NAME, build_nvae_model,
 from miselbo.errors import UserError
 from miselbo.data.datasets import NVAE_EQUIVALENT
 from miselbo.ensemble.shared_decoder import share_decoder
-from miselbo.nvae.model import AutoEncoder
+from miselbo.nvae.model import AutoEncoder, is_decoder_key
+from miselbo.runtime import flags
 
 MANIFEST_FILE_NAME = "manifest.json"
 DEMO_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
@@ -60,12 +63,28 @@ def read_manifest(folder: Path) -> list[Path]:
     return [folder / item for item in listed]
 
 
+# The manifest's eval_defaults a plain miselbo_eval.py takes, each checked like its flag.
+EVAL_DEFAULT_CHECKS = {"num_iw_samples": flags.count}
+
+
 def read_eval_defaults(folder: Path) -> dict:
     """The manifest's optional `eval_defaults` ({flag name: value}, e.g. num_iw_samples): what a
-    plain `miselbo_eval.py` uses for this ensemble where the user typed nothing."""
+    plain `miselbo_eval.py` uses for this ensemble where the user typed nothing. Every value is
+    checked as strictly as its flag (a whole number, not a bool, in range: 2.7 or true are refused,
+    never rounded), and an unknown name is refused; the message names the file and the field."""
+    manifest = folder / MANIFEST_FILE_NAME
     defaults = _manifest_content(folder).get("eval_defaults", {})
     if not isinstance(defaults, dict):
-        raise UserError(f"{folder / MANIFEST_FILE_NAME}: eval_defaults must be an object of flag values.")
+        raise UserError(f"{manifest}: eval_defaults must be an object of flag values, got "
+                        f"{json.dumps(defaults)}.")
+    unknown = sorted(name for name in defaults if name not in EVAL_DEFAULT_CHECKS)
+    if unknown:
+        raise UserError(f"{manifest}: eval_defaults holds {', '.join(map(repr, unknown))}, which "
+                        f"miselbo_eval.py does not take from a manifest (known: "
+                        f"{', '.join(EVAL_DEFAULT_CHECKS)}). Fix the manifest or pass the flags.")
+    for name, check in EVAL_DEFAULT_CHECKS.items():
+        if name in defaults:
+            check(f"{manifest}: eval_defaults.{name}", defaults[name], as_json=True)
     return defaults
 
 
@@ -100,6 +119,67 @@ def expand_checkpoint_paths(paths: Sequence[str | Path]) -> list[Path]:
     return expanded
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint file a member argument names (a run folder stands for its checkpoint.pt)."""
+    path = Path(path)
+    return path / CHECKPOINT_FILE_NAME if path.is_dir() else path
+
+
+def _file_identity(path: Path):
+    try:
+        stat = path.stat()
+    except OSError:
+        return None  # missing: load_members names it
+    return stat.st_dev, stat.st_ino
+
+
+def refuse_repeated_files(paths: Sequence[str | Path]) -> None:
+    """UserError naming both positions when one checkpoint file is given twice (also through a run
+    folder, a symbolic or a hard link): such an ensemble counts one encoder twice."""
+    seen = {}
+    for position, path in enumerate(paths, start=1):
+        identity = _file_identity(checkpoint_file(path))
+        if identity is None:
+            continue
+        if identity in seen:
+            first, first_path = seen[identity]
+            raise UserError(f"members {first} and {position} are the same checkpoint file ({first_path} and "
+                            f"{path}): the ensemble would count one encoder twice (its JSD would be 0 "
+                            f"and MISELBO that of fewer members). Remove one, or pass "
+                            f"--allow_duplicate_members if this is meant.")
+        seen[identity] = (position, path)
+
+
+def encoder_fingerprint(model: AutoEncoder) -> str:
+    """SHA-256 hex over name, dtype, shape and bytes of every encoder parameter and buffer."""
+    digest = hashlib.sha256()
+    state = model.state_dict(keep_vars=True)
+    for key in sorted(state):
+        value = state[key]
+        if is_decoder_key(key):
+            continue
+        if key.endswith(".weight_normalized") and state.get(key[:-len("_normalized")]) is value:
+            continue  # the alias of a conv without weight norm: the same tensor as its weight
+        data = value.detach().to("cpu").contiguous()
+        digest.update(f"{key}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def duplicate_encoders(paths: Sequence[Path], models: Sequence[AutoEncoder]) -> list[tuple[int, int]]:
+    """(first, second) 1-based positions of members whose encoders hash equal (each later member
+    paired with the first one it equals)."""
+    first_with = {}
+    pairs = []
+    for position, model in enumerate(models, start=1):
+        fingerprint = encoder_fingerprint(model)
+        if fingerprint in first_with:
+            pairs.append((first_with[fingerprint], position))
+        else:
+            first_with[fingerprint] = position
+    return pairs
+
+
 # ----------------------------------------------------------------------------- loading
 
 def model_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -127,18 +207,23 @@ class LoadedMembers:
     args: argparse.Namespace
     fingerprints: list[str]
     decoder_problems: list[str] = field(default_factory=list)
+    duplicates: list[tuple[int, int]] = field(default_factory=list)  # equal encoders (allowed only)
 
 
 def load_members(paths: Sequence[str | Path], device: torch.device | str = "cpu", trust: bool = False,
-                 allow_decoder_mismatch: bool = False) -> LoadedMembers:
+                 allow_decoder_mismatch: bool = False, allow_duplicates: bool = False) -> LoadedMembers:
     """Load the ensemble's checkpoints (see the module docstring); errors are CheckpointError/UserError.
 
     The decoder fingerprint of a checkpoint is the one its `miselbo` entry records, else the hash of
     its decoder weights; a recorded fingerprint that the weights do not reproduce counts as a
     mismatch too. With allow_decoder_mismatch, mismatches are listed in `decoder_problems` instead.
+    A checkpoint file given twice, or two members whose encoder weights hash equal, is refused
+    naming both positions; with allow_duplicates they are listed in `duplicates` instead.
     """
     if len(paths) == 0:
         raise UserError("the checkpoint list is empty; pass at least one checkpoint (S >= 1).")
+    if not allow_duplicates:
+        refuse_repeated_files(paths)
     loaded = None
     for path in map(Path, paths):
         model, args, checkpoint = load_nvae_checkpoint(path, map_location=device, trust=trust,
@@ -169,4 +254,11 @@ def load_members(paths: Sequence[str | Path], device: torch.device | str = "cpu"
             f"different models. Train new encoders against the first checkpoint (train.py --train_new_q "
             f"--p_and_q1_path ...), or pass --allow_decoder_mismatch to use the first checkpoint's decoder "
             f"for every member anyway.")
+    loaded.duplicates = duplicate_encoders(loaded.paths, loaded.models)
+    if loaded.duplicates and not allow_duplicates:
+        first, second = loaded.duplicates[0]
+        raise UserError(f"members {first} and {second} have identical encoder weights ({loaded.paths[first - 1]} "
+                        f"and {loaded.paths[second - 1]}): the ensemble would count one encoder twice "
+                        f"(its JSD would be 0). Train another encoder (train.py --train_new_q with "
+                        f"another --seed), remove one, or pass --allow_duplicate_members if this is meant.")
     return loaded

@@ -10,8 +10,9 @@ from pathlib import Path
 from miselbo.data.datasets import check_dataset_name
 from miselbo.errors import UserError
 from miselbo.evaluation import report
-from miselbo.evaluation.members import discover_demo_folder, expand_checkpoint_paths, read_eval_defaults, read_manifest
-from miselbo.runtime.cli import require_positive
+from miselbo.evaluation.members import (discover_demo_folder, expand_checkpoint_paths, read_eval_defaults,
+                                        read_manifest, refuse_repeated_files)
+from miselbo.runtime import flags
 
 PROG = "miselbo_eval.py"
 NUM_PUBLIC_MEMBER_FLAGS = 6
@@ -51,6 +52,7 @@ class EvalSettings:
     master_address: str = "127.0.0.1"
     trust_checkpoint: bool = False
     allow_decoder_mismatch: bool = False
+    allow_duplicate_members: bool = False  # evaluate one checkpoint (or equal encoders) twice on purpose
     show_progress: bool | None = None  # None: miselbo.runtime.cli.progress decides
 
 
@@ -107,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="load checkpoints with full pickle (only for files you trust)")
     parser.add_argument("--allow_decoder_mismatch", action="store_true",
                         help="evaluate even if the decoders differ, using the first checkpoint's for all")
+    parser.add_argument("--allow_duplicate_members", action="store_true",
+                        help="evaluate even if a checkpoint is given twice or two members have equal "
+                             "encoder weights (by default refused: such an ensemble has JSD 0 and "
+                             "counts one encoder twice)")
     return parser
 
 
@@ -124,8 +130,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     paths = expand_checkpoint_paths(given) if given else read_manifest(demo_folder)
     defaults = read_eval_defaults(demo_folder) if demo_folder else {}
     num_iw_samples = args.num_iw_samples
-    if num_iw_samples is None:
-        num_iw_samples = int(defaults.get("num_iw_samples", DEFAULT_NUM_IW_SAMPLES))
+    if num_iw_samples is None:  # read_eval_defaults checked the manifest's value, naming the file
+        num_iw_samples = defaults.get("num_iw_samples", DEFAULT_NUM_IW_SAMPLES)
     if args.only_miselbo and args.only_iwelbo:
         raise UserError("--only_miselbo and --only_iwelbo exclude each other.")
     estimators = tuple(args.estimators) if args.estimators else report.DEFAULT_ESTIMATORS
@@ -145,7 +151,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         S_list=tuple(args.S_list) if args.S_list else None, L_list=tuple(args.L_list) if args.L_list else None,
         time_eval=args.time_eval, world_size=args.world_size, local_rank=args.local_rank,
         master_address=args.master_address, trust_checkpoint=args.trust_checkpoint,
-        allow_decoder_mismatch=args.allow_decoder_mismatch)
+        allow_decoder_mismatch=args.allow_decoder_mismatch, allow_duplicate_members=args.allow_duplicate_members)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -155,12 +161,14 @@ def validated_settings(settings: EvalSettings) -> EvalSettings:
     num_members = len(settings.checkpoints)
     if num_members == 0:
         raise UserError("the checkpoint list is empty; pass at least one checkpoint (S >= 1).")
-    num_samples = require_positive("--num_iw_samples", settings.num_iw_samples)
+    num_samples = flags.count("--num_iw_samples", settings.num_iw_samples)
     for flag, value in (("--batch_size", settings.batch_size), ("--chunk_size", settings.chunk_size),
-                        ("--num_examples", settings.num_examples), ("--subset_size", settings.subset_size)):
-        if value is not None:
-            require_positive(flag, value)
-    require_positive("--world_size", settings.world_size)
+                        ("--num_examples", settings.num_examples), ("--num_active", settings.subset_size)):
+        flags.optional_count(flag, value)
+    flags.count("--world_size", settings.world_size)
+    flags.seed("--seed", settings.seed)
+    if not settings.allow_duplicate_members:
+        refuse_repeated_files(settings.checkpoints)
     if not settings.max_flow_residual >= 0 or settings.max_flow_residual == float("inf"):
         raise UserError(f"--max_flow_residual must be a finite number >= 0, got {settings.max_flow_residual}.")
     unknown = [name for name in settings.estimators if name not in report.ESTIMATOR_NAMES]
