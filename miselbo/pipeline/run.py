@@ -30,6 +30,7 @@ writes it to `<out>/stage_times.json` (tests/test_main_job.py).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -39,7 +40,13 @@ from pathlib import Path
 from typing import Sequence
 
 from miselbo.runtime import distributed
-from miselbo.evaluation import evaluate
+from miselbo.data.datasets import nvae_dataset_name
+from miselbo.errors import DataError, UserError
+from miselbo.evaluation import evaluate, memory
+from miselbo.evaluation.settings import validated_settings
+from miselbo.nvae.config import ModelConfig, add_nvae_train_arguments
+from miselbo.storage.folders import removed_if_left_empty
+from miselbo.storage.run_lock import hold_run_lock
 from miselbo.pipeline import parallel_stages
 from miselbo.runtime import stage_clock
 from miselbo.pipeline import stage_record
@@ -130,8 +137,20 @@ def parallel_width(settings: PipelineSettings, num_stages: int) -> int:
     return max(1, min(num_stages, os.cpu_count() or 1))
 
 
+def require_stage_folder_free(settings: PipelineSettings, stage: str) -> None:
+    """Refuse (naming the holder) a stage whose folder another run holds the lock of, before its log
+    is opened: a side-by-side stage's child process takes that lock only after its log file has
+    been opened for appending."""
+    folder = settings.checkpoint(stage).parent
+    if folder.is_dir():
+        with hold_run_lock(folder, "pipeline check"):
+            pass
+
+
 def run_parallel_stages(settings: PipelineSettings, stages: list, width: int, bar) -> list:
     """Train `stages` [(stage, seed)] as side-by-side processes; [(stage, {part: seconds})]."""
+    for stage, _seed in stages:
+        require_stage_folder_free(settings, stage)
     jobs, times = [], []
     for stage, seed in stages:
         argv = stage_argv(settings, stage, seed)
@@ -311,12 +330,64 @@ def train_stages(settings: PipelineSettings, bar) -> list:
     return times
 
 
+def check_evaluation_fits(settings: PipelineSettings) -> None:
+    """Before any training: the evaluation's own checks of its command line, and whether its batches
+    fit into memory with the architecture the stages will train (miselbo.evaluation.memory), each
+    refusal naming the pipeline's flag (--eval_batch_size, not the evaluation's --batch_size)."""
+    eval_settings = validated_settings(evaluate.settings_from_args(
+        evaluate.build_parser().parse_args(evaluation_argv(settings))))
+    config = _trained_architecture(settings)
+    if config is None:
+        return  # train.py refuses such an architecture itself, naming its flags
+    device = resolve_device(settings.device)
+    num_examples = settings.num_eval_examples or FEWEST_TEST_IMAGES
+    names = memory.FlagValues(settings.num_iw_samples, settings.eval_batch_size, True, None,
+                              batch_flag="--eval_batch_size", chunk_flag=None)
+    memory.require_evaluation_fits(config, eval_settings, num_examples, names, device, evaluation_processes(settings))
+
+
+def _trained_architecture(settings: PipelineSettings) -> ModelConfig | None:
+    """The model configuration the training stages will build (preset + given flags), None when the
+    flags do not describe one."""
+    parser = add_nvae_train_arguments(argparse.ArgumentParser(add_help=False, exit_on_error=False))
+    try:
+        args, _unknown = parser.parse_known_args(get_preset(settings.preset).flags() + list(settings.train_flags))
+        args.dataset = nvae_dataset_name(settings.dataset)
+        return ModelConfig.from_args(args)
+    except (argparse.ArgumentError, SystemExit, ValueError, DataError):
+        return None
+
+
+def prepare_out(settings: PipelineSettings) -> None:
+    """Create --out (with parents) before anything is written into it; refusals name the flag."""
+    try:
+        settings.out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"--out {settings.out} names an existing file, not a folder; choose another "
+                        f"--out.") from None
+    except OSError as err:
+        raise UserError(f"--out {settings.out}: cannot create the output folder ({err.strerror or err}); "
+                        f"choose another --out.") from None
+    if not os.access(settings.out, os.W_OK | os.X_OK):
+        raise UserError(f"--out {settings.out} is not writable; choose another --out.")
+
+
 def run_pipeline(settings: PipelineSettings) -> int:
-    """All stages in order; returns the evaluation's exit status."""
+    """All stages in order; returns the evaluation's exit status. Every flag is checked before the
+    first stage starts, and the whole run holds <out>/run.lock: a second pipeline on the same --out
+    is refused before it writes anything (a stage record, a log line)."""
     check_process_counts(settings)
+    check_evaluation_fits(settings)
     if settings.dry_run:
         print(dry_run_text(settings))
         return 0
+    with removed_if_left_empty(settings.out):
+        prepare_out(settings)
+        with hold_run_lock(settings.out, "pipeline"):
+            return _run_stages(settings)
+
+
+def _run_stages(settings: PipelineSettings) -> int:
     started = time.perf_counter()
     check_stage_settings(settings)
     with progress(total=len(settings.stage_names()) + 1, desc="pipeline", unit="stage") as bar:

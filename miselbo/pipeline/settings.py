@@ -3,13 +3,15 @@ need no files (the stages, the evaluation and the run itself are in miselbo.pipe
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from miselbo.storage.checkpoints import CHECKPOINT_FILE_NAME
+from miselbo.data.datasets import check_dataset_name
 from miselbo.errors import UserError
-from miselbo.runtime.cli import require_positive
+from miselbo.runtime import flags
 from miselbo.pipeline.presets import PRESETS, get_preset
 
 PROG = "python -m miselbo.pipeline"
@@ -120,18 +122,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_joint_num_active(joint: str | None, num_active: int | None, num_encoders: int) -> None:
+    """--joint_num_active A: with --joint s2a / s2s (and S >= 2) required, 1 <= A <= S - 1; else unused."""
+    if joint in ("s2a", "s2s") and num_encoders > 1:
+        if num_active is None:
+            raise UserError(f"--joint {joint} needs --joint_num_active A: how many of the "
+                            f"{num_encoders - 1} jointly trained encoders each example samples from.")
+        flags.whole_number("--joint_num_active", num_active, 1, num_encoders - 1)
+    elif num_active is not None:
+        raise UserError(f"--joint_num_active is only used with --joint s2a or s2s and --num_encoders >= 2 "
+                        f"(got --joint {joint or 'not given'}, --num_encoders {num_encoders}).")
+
+
+def check_output_folder(flag: str, folder: Path) -> None:
+    """Refuse, without writing anything, an output folder that names an existing file or lies under
+    one, or whose nearest existing folder cannot be written."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} names an existing file, not a folder; choose another {flag}.")
+    existing = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, so the folder cannot be created there.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: {existing} is not writable; choose another {flag}.")
+
+
 def parse_settings(argv: Sequence[str]) -> PipelineSettings:
     """Settings from the command line; unknown flags are kept as training flags."""
     args, train_flags = build_parser().parse_known_args(list(argv))
     preset = get_preset(args.preset)
     num_iw_samples = preset.num_iw_samples if args.num_iw_samples is None else args.num_iw_samples
     dataset = args.dataset or preset.dataset
-    require_positive("--num_encoders", args.num_encoders)
-    require_positive("--num_iw_samples", num_iw_samples)
+    flags.count("--num_encoders", args.num_encoders)
+    flags.count("--num_iw_samples", num_iw_samples)
+    flags.optional_count("--num_eval_examples", args.num_eval_examples)
+    flags.count("--eval_batch_size", args.eval_batch_size)
     seeds = tuple(args.seeds) if args.seeds else tuple(range(1, args.num_encoders + 1))
+    for seed in seeds:
+        flags.seed("--seeds", seed)
     if len(seeds) != args.num_encoders or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds needs {args.num_encoders} distinct values (one per encoder), got "
                         f"{list(seeds)}.")
+    check_joint_num_active(args.joint, args.joint_num_active, args.num_encoders)
+    if args.dataset is not None:
+        check_dataset_name(args.dataset)
+    for flag, folder in (("--out", args.out), ("--export", args.export)):
+        if folder is not None:
+            check_output_folder(flag, Path(folder))
     for flag in ("--save", "--root", "--seed", "--train_new_q", "--p_and_q1_path", "--cont_training"):
         if flag in train_flags:
             raise UserError(f"{flag} is set by the pipeline for each stage; use --out and --seeds.")
