@@ -18,7 +18,7 @@ OUR_FLAGS = {"train_new_q": False, "p_and_q1_path": None, "param_check": False, 
              "num_workers": 0, "trust_checkpoint": False, "final_iw_samples": 1000,
              "num_train_examples": None, "num_test_examples": None, "epoch_test_examples": None,
              "num_new_encoders": 1, "mixture_objective": "independent", "num_active": None,
-             "include_parent_encoder": False}
+             "include_parent_encoder": False, "precision": "auto"}
 
 
 def test_every_nvae_flag_keeps_its_name_and_default_and_ours_are_documented():

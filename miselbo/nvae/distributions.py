@@ -50,10 +50,13 @@ class Normal:
             self.sigma = self.sigma * temp
 
     def sample(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """z = eps * sigma + mu with eps ~ N(0, 1); draws like torch.randn_like(mu). Returns (z, eps)."""
-        eps = torch.randn(
-            self.mu.shape, generator=generator, dtype=self.mu.dtype, device=self.mu.device
-        )
+        """z = eps * sigma + mu with eps ~ N(0, 1); draws like torch.randn_like(mu). Returns (z, eps).
+
+        Under autocast mu may be float16 or bfloat16: eps is then drawn in float32 (and z is
+        float32), so a reduced-precision training step draws exactly the numbers, and advances
+        the generator exactly as, a float32 step (torch's CPU randn in bfloat16 draws others)."""
+        dtype = torch.float32 if self.mu.dtype in (torch.float16, torch.bfloat16) else self.mu.dtype
+        eps = torch.randn(self.mu.shape, generator=generator, dtype=dtype, device=self.mu.device)
         return self.sample_given_eps(eps), eps
 
     def sample_given_eps(self, eps: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ from miselbo.training.logs import Board, RunLog
 from miselbo.training.loop import skip_batches
 from miselbo.training.new_encoder import adopt_decoder, load_parent, require_recorded_decoder
 from miselbo.training.objective import RegularisedLayers
+from miselbo.training.precision import precision_of
 from miselbo.training.session import (FINAL_TEST_WHERE, SavedPoint, Session, TrainResult,
                                       annotate_args, build_run_loaders, new_grad_scaler,
                                       restore_optimisation, resumed_progress, seed_everything,
@@ -145,8 +146,9 @@ class JointSession(Session):
         if args.cont_training and setup.rank == 0:
             recover_pending(save_dir)
         distributed.barrier()
+        precision = precision_of(args, device)
         loaders = build_run_loaders(args, setup, device)
-        args = annotate_args(args, setup, len(loaders.train))
+        args = annotate_args(args, setup, len(loaders.train), precision)
         count = args.num_new_encoders
         checkpoints = None
         if args.cont_training:
@@ -162,7 +164,7 @@ class JointSession(Session):
         components = [_component(args, index, model.to(device), lineage, settings)
                       for index, (model, lineage) in enumerate(zip(models, lineages), start=1)]
         use_fast_cpu_layout([component.model for component in components] + ([parent] if parent else []))
-        scaler = new_grad_scaler(device)
+        scaler = new_grad_scaler(device, precision)
         progress, last_checkpoint = Progress(), None
         if checkpoints is not None:
             for component, checkpoint in zip(components, checkpoints):
@@ -173,6 +175,7 @@ class JointSession(Session):
         is_main = setup.rank == 0
         return cls(args=args, settings=settings, spec=joint_spec(args), setup=setup, device=device,
                    loaders=loaders, components=components, parent=parent, scaler=scaler,
+                   precision=precision,
                    alpha=kl_balance_alpha(models[0].groups_per_scale, device=device),
                    progress=progress, save_dir=save_dir, guard=StepGuard(requests, device),
                    resume_command=resume_command, log=RunLog(save_dir, enabled=is_main),
@@ -223,7 +226,8 @@ class JointSession(Session):
         """One update of every component on x [B, C, H, W]; NonFiniteLoss before updating."""
         parts = JointStep(components=self.components, parent=self.parent, spec=self.spec,
                           settings=self.settings, scaler=self.scaler, alpha=self.alpha,
-                          iterations_per_epoch=len(self.loaders.train), device=self.device)
+                          iterations_per_epoch=len(self.loaders.train), device=self.device,
+                          precision=self.precision)
         return joint_train_step(parts, x, global_step, self.guard)
 
     def log_epoch_loss(self, epoch: int, epoch_loss: float) -> None:

@@ -197,7 +197,7 @@ def joint_loss(encoders: Sequence, parent, x: torch.Tensor, spec: JointSpec, act
         own = torch.stack([scorer.scores[i, :, scorer_ids.index(k)] for i, k in enumerate(active)])
         log_mix = torch.logsumexp(scorer.scores, dim=2) - math.log(scorer.scores.shape[2])  # [A, B]
         mixture_term = own - log_mix
-    loss, kl_totals = rec.new_zeros(()), []
+    loss, kl_totals = rec.new_zeros((), dtype=torch.float32), []  # float32 also under autocast
     for i in range(len(active)):
         balanced_kl, _gamma, _kl_vals = kl_balancer(kl_all[i], kl_weight, kl_balance=True, alpha=alpha)
         loss = loss + torch.mean(rec[i] + balanced_kl - kl_weight * mixture_term[i])

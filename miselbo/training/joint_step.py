@@ -17,9 +17,11 @@ from miselbo.nvae.model import AutoEncoder
 from miselbo.nvae.optim import apply_warmup_learning_rate
 from miselbo.training.joint_objective import JointSpec, JointTerms, draw_active, joint_loss
 from miselbo.training.loop import step_weights
+from miselbo.training.nonfinite import gradients_finite, locate_gradient
 from miselbo.training.objective import RegularisedLayers
+from miselbo.training.precision import Precision, default_precision
 from miselbo.training.settings import TrainSettings
-from miselbo.training.stop import StepGuard
+from miselbo.training.stop import NonFiniteLoss, StepGuard
 
 _ACTIVE_SET_STREAM = 0x4A4F494E  # mixes the per-step seed of the s2a / s2s active set
 
@@ -55,12 +57,24 @@ class JointStep:
     alpha: torch.Tensor  # [G] KL balancing weights
     iterations_per_epoch: int
     device: torch.device
+    precision: Precision | None = None  # None: `auto` on `device` (float16 on CUDA, else float32)
+
+
+def _locate_component_gradient(components: list) -> str:
+    """The first non-finite gradient, in component order."""
+    for component in components:
+        if component.has_gradients():
+            place = locate_gradient(component.model)
+            if place.startswith("the gradient of parameter"):
+                return f"component {component.index}: {place}"
+    return "the gradients"
 
 
 def joint_train_step(parts: JointStep, x: torch.Tensor, global_step: int, guard: StepGuard) -> JointTerms:
     """As loop.train_step, for all components at once: warm-up learning rates, zero gradients,
-    the joint loss (autocast on CUDA), agreement on a finite loss, backward, gradients averaged
-    across processes, a GradScaler step of each component that received gradients."""
+    the joint loss (under the run's precision), agreement on a finite loss, backward, gradients
+    averaged across processes, a GradScaler step of each component that received gradients, the
+    guard's check of a skipped float16 step."""
     settings = parts.settings
     for component in parts.components:
         apply_warmup_learning_rate(component.optimizer, global_step,
@@ -70,16 +84,22 @@ def joint_train_step(parts: JointStep, x: torch.Tensor, global_step: int, guard:
     beta, lam = step_weights(settings, global_step, parts.iterations_per_epoch * settings.epochs)
     active = draw_active(len(parts.components), parts.spec, _active_generator(settings.seed, global_step))
     layers = [c.layers for c in parts.components] if settings.regularised else None
-    with torch.autocast(device_type=parts.device.type, dtype=torch.float16,
-                        enabled=parts.device.type == "cuda"):
+    with (parts.precision or default_precision(parts.device)).autocast():
         terms = joint_loss([c.model for c in parts.components], parts.parent, x, parts.spec, active,
                            beta, parts.alpha, lam, layers)
     guard.check_loss(float(terms.loss.detach()), global_step)
+    scale_before = parts.scaler.get_scale()  # 1.0 when disabled
     parts.scaler.scale(terms.loss).backward()
     trainable = [p for c in parts.components for p in c.model.encoder_parameters()]
     distributed.average_gradients_(trainable)
+    if not parts.scaler.is_enabled() and not gradients_finite(trainable):
+        raise NonFiniteLoss(global_step, float("nan"), _locate_component_gradient(parts.components),
+                            what="the gradient norm")
     for component in parts.components:
         if component.has_gradients():
             parts.scaler.step(component.optimizer)
     parts.scaler.update()
+    if parts.scaler.is_enabled():
+        guard.check_scaler_step(scale_before, parts.scaler.get_scale(), global_step,
+                                locate=lambda: _locate_component_gradient(parts.components))
     return terms

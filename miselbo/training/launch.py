@@ -36,6 +36,7 @@ from miselbo.runtime.distribution_checks import no_distribution_validation
 from miselbo.storage.run_lock import hold_run_lock
 from miselbo.storage.folders import removed_if_left_empty
 from miselbo.training.options import PROG
+from miselbo.training.precision import resolve_precision
 from miselbo.training.prepare import prepare_save_folder, resolve_run_args
 from miselbo.training.joint import JointSession, is_joint_run
 from miselbo.training.run import TrainingSession
@@ -73,6 +74,7 @@ def train(argv: Sequence[str] | None = None) -> TrainResult:
     argv = list(sys.argv[1:] if argv is None else argv)
     run_args = resolve_run_args(argv)
     device = resolve_device(run_args.device)
+    resolve_precision(run_args.precision, device)  # refuses a precision the device cannot run
     command = resume_command(argv)
     with removed_if_left_empty(run_args.save):  # a failed run leaves no empty eval-<save> behind
         if distributed.torchrun_environment():

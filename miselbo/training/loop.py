@@ -1,9 +1,12 @@
 """One training step and one training epoch (docs/nvae.md 8.2, 8.4).
 
-Step: warm-up learning rate; zero gradients; under autocast (float16, CUDA only) the objective of
-objective.nelbo_loss; all processes agree on stop requests and on a finite loss; scaled backward;
-gradients averaged across processes; without a GradScaler (CPU) a non-finite gradient norm stops
-the run before the update; GradScaler step (skips inf/NaN gradients) and update.
+Step: warm-up learning rate; zero gradients; the objective of objective.nelbo_loss under the run's
+precision (miselbo.training.precision: autocast in float16 or bfloat16, or none; `auto` is float16
+on CUDA, float32 on CPU); all processes agree on stop requests and on a finite loss (a float32
+value); scaled backward; gradients averaged across processes; without an enabled GradScaler
+(fp32, bf16) a non-finite gradient norm stops the run before the update; GradScaler step (with
+fp16 it skips a step whose gradients hold inf/NaN and halves the scale; the guard stops the run
+only when such skips exceed its limits, miselbo.training.stop) and update.
 With a frozen decoder only encoder parameters are in the optimizer and the regularisers cover
 encoder layers only; gradients still flow through the decoder's activations.
 """
@@ -21,6 +24,7 @@ from miselbo.nvae.objectives import kl_coeff, regulariser_coefficient
 from miselbo.nvae.optim import apply_warmup_learning_rate
 from miselbo.training.checkpointing import Progress
 from miselbo.training.objective import LossTerms, RegularisedLayers, nelbo_loss
+from miselbo.training.precision import Precision, default_precision
 from miselbo.training.settings import PARAMETER_AVERAGING_PERIOD, TrainSettings
 from miselbo.training.nonfinite import gradients_finite, locate_forward, locate_gradient
 from miselbo.training.stop import NonFiniteLoss, StepGuard, StopAfterStep
@@ -38,6 +42,11 @@ class StepParts:
     settings: TrainSettings
     iterations_per_epoch: int
     device: torch.device
+    precision: Precision | None = None  # None: `auto` on `device` (float16 on CUDA, else float32)
+
+    @property
+    def step_precision(self) -> Precision:
+        return self.precision or default_precision(self.device)
 
     @property
     def num_total_iter(self) -> int:
@@ -58,23 +67,28 @@ def step_weights(settings: TrainSettings, global_step: int, num_total_iter: int)
 
 
 def train_step(parts: StepParts, x: torch.Tensor, global_step: int, guard: StepGuard) -> LossTerms:
-    """One update on a pre-processed batch x [B, C, H, W]; raises NonFiniteLoss before updating."""
+    """One update on a pre-processed batch x [B, C, H, W]; raises NonFiniteLoss before updating
+    (its subclass GradientsKeepFailing after a skipped float16 step that reached a limit)."""
     apply_warmup_learning_rate(parts.optimizer, global_step, parts.warmup_iterations,
                                parts.settings.learning_rate)
     parts.optimizer.zero_grad(set_to_none=True)
     beta, lam = step_weights(parts.settings, global_step, parts.num_total_iter)
-    with torch.autocast(device_type=parts.device.type, dtype=torch.float16,
-                        enabled=parts.device.type == "cuda"):
+    with parts.step_precision.autocast():
         terms = nelbo_loss(parts.model, x, beta, parts.alpha, lam, parts.layers)
     guard.check_loss(float(terms.loss.detach()), global_step,
                      locate=lambda: locate_forward(parts.model, terms))
-    parts.grad_scaler.scale(terms.loss).backward()
+    scaler = parts.grad_scaler
+    scale_before = scaler.get_scale()  # 1.0 when disabled; read while synchronised by the loss check
+    scaler.scale(terms.loss).backward()
     distributed.average_gradients_(parts.trainable)  # equal on every process afterwards
-    if not parts.grad_scaler.is_enabled() and not gradients_finite(parts.trainable):
+    if not scaler.is_enabled() and not gradients_finite(parts.trainable):
         raise NonFiniteLoss(global_step, float("nan"), locate_gradient(parts.model),
                             what="the gradient norm")
-    parts.grad_scaler.step(parts.optimizer)
-    parts.grad_scaler.update()
+    scaler.step(parts.optimizer)  # an enabled scaler skips the update if a gradient is inf/NaN ...
+    scaler.update()  # ... and then halves its scale
+    if scaler.is_enabled():
+        guard.check_scaler_step(scale_before, scaler.get_scale(), global_step,
+                                locate=lambda: locate_gradient(parts.model))
     return terms
 
 

@@ -50,7 +50,7 @@ def nelbo_loss(model, x: torch.Tensor, kl_weight: float, alpha: torch.Tensor, re
     logits, _log_q, _log_p, kl_all, kl_diag = model(x)
     rec = reconstruction_loss(model.decoder_output(logits), x, model.crop_output)  # [B]
     balanced_kl, gamma, kl_vals = kl_balancer(kl_all, kl_weight, kl_balance=True, alpha=alpha)
-    loss = torch.mean(rec + balanced_kl)
+    loss = torch.mean(rec.float() + balanced_kl.float())  # float32 also under autocast
     spectral = batchnorm = loss.new_zeros(())
     if layers is not None:
         spectral = model.spectral_norm_parallel(layers.conv_layers)

@@ -26,14 +26,17 @@ from miselbo.errors import UserError
 from miselbo.errors import DataError
 from miselbo.data.datasets import SUPPORTED_DATASETS, check_dataset_name, nvae_dataset_name
 from miselbo.nvae.config import ModelConfig, add_nvae_train_arguments
+from miselbo.training.precision import PRECISION_CHOICES
 
 PROG = "train.py"
 DEFAULT_FINAL_IW_SAMPLES = 1000
 MAX_SEED = 2 ** 32 - 1  # NumPy's seed range
 # Never taken from a stored run: where this run writes and how its processes start.
+# --precision is one of them: like --device it says how to compute, not what to train (a checkpoint
+# records the resolved one in its args).
 LOCAL_FLAGS = ("root", "save", "cont_training", "num_proc_node", "node_rank", "local_rank",
                "global_rank", "num_process_per_node", "master_address", "device", "num_workers",
-               "trust_checkpoint")
+               "trust_checkpoint", "precision")
 # A new encoder's own identity, never taken from the parent it is trained against.
 NEW_ENCODER_OWN_FLAGS = ("seed", "train_new_q", "p_and_q1_path", "param_check", "num_new_encoders",
                          "mixture_objective", "num_active", "include_parent_encoder")
@@ -46,8 +49,10 @@ Writes <root>/eval-<save>/{checkpoint.pt, log.txt, TensorBoard events, train_res
 _EPILOG = """\
 Flag inheritance: with --cont_training, flags you do not type are taken from the checkpoint in the
 save folder; with --train_new_q, from the parent run (except --seed, the MISELBO flags, and the
-launch/output flags). Typed architecture flags that differ from the stored ones are refused.
-Exit status: 0 done, 2 usage or input error, 3 training failed (non-finite loss, decoder changed),
+launch/output flags, --device and --precision). Typed architecture flags that differ from the
+stored ones are refused.
+Exit status: 0 done, 2 usage or input error, 3 training failed (non-finite loss, gradients that
+stay non-finite under the float16 GradScaler, decoder changed),
 128+N stopped by signal N after writing a resumable checkpoint."""
 
 
@@ -91,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "the mixture (it is not trained)")
     ours.add_argument("--device", type=str, default="auto",
                       help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    ours.add_argument("--precision", type=str, default="auto", choices=PRECISION_CHOICES,
+                      help="how training steps compute: auto (NVAE's: fp16 on CUDA, fp32 on CPU), "
+                           "fp32, fp16 (autocast float16 with NVAE's GradScaler, whose state is the "
+                           "checkpoint's grad_scalar) or bf16 (autocast bfloat16); weights stay "
+                           "float32 and the tests run in float32. Not inherited by --cont_training "
+                           "or --train_new_q, like --device")
     ours.add_argument("--num_workers", type=int, default=0, help="data-loader worker processes")
     ours.add_argument("--trust_checkpoint", action="store_true",
                       help="load checkpoints fully even if they need Python objects beyond NVAE's "

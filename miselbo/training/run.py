@@ -37,6 +37,7 @@ from miselbo.training.new_encoder import adopt_decoder, load_parent, require_rec
 from miselbo.training.nonfinite import first_nonfinite_parameter
 from miselbo.training.objective import RegularisedLayers
 from miselbo.training.options import data_set_of
+from miselbo.training.precision import precision_of
 from miselbo.training.session import (FINAL_TEST_WHERE, RESULT_FILE_NAME, SavedPoint, Session,
                                       TrainResult, annotate_args, build_run_loaders, new_grad_scaler,
                                       restore_optimisation, resumed_progress, seed_everything,
@@ -95,15 +96,16 @@ class TrainingSession(Session):
              resume_command: str) -> "TrainingSession":
         settings = TrainSettings.from_args(args)
         seed_everything(settings.seed)
+        precision = precision_of(args, device)
         loaders = build_run_loaders(args, setup, device)
-        args = annotate_args(args, setup, len(loaders.train))
+        args = annotate_args(args, setup, len(loaders.train), precision)
         model, checkpoint, lineage = build_model(args, settings, device)
         trainable = model.encoder_parameters() if lineage.role == ROLE_Q else list(model.parameters())
         optimizer = build_optimizer(trainable, settings.learning_rate, settings.weight_decay,
                                     settings.fast_adamax)
         scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs,
                                     settings.learning_rate_min)
-        scaler = new_grad_scaler(device)
+        scaler = new_grad_scaler(device, precision)
         save_dir = Path(args.save)
         progress, last_checkpoint = Progress(), None
         if checkpoint is not None:
@@ -117,11 +119,12 @@ class TrainingSession(Session):
         parts = StepParts(model=model, optimizer=optimizer, grad_scaler=scaler, trainable=trainable,
                           alpha=kl_balance_alpha(model.groups_per_scale, device=device),
                           layers=layers, settings=settings, iterations_per_epoch=len(loaders.train),
-                          device=device)
+                          device=device, precision=precision)
         is_main = setup.rank == 0
         return cls(args=args, settings=settings, setup=setup, device=device, loaders=loaders,
                    model=model, lineage=lineage, optimizer=optimizer, scheduler=scheduler,
-                   scaler=scaler, parts=parts, progress=progress, last_checkpoint=last_checkpoint,
+                   scaler=scaler, precision=precision, parts=parts, progress=progress,
+                   last_checkpoint=last_checkpoint,
                    save_dir=save_dir, guard=StepGuard(requests, device), resume_command=resume_command,
                    log=RunLog(save_dir, enabled=is_main), board=Board(save_dir, enabled=is_main))
 

@@ -35,7 +35,8 @@ from miselbo.training.checkpointing import Progress, require_parent_decoder, res
 from miselbo.training.evaluation import EvaluationInterrupted, TestResult, evaluate_bounds
 from miselbo.training.logs import Board, RunLog
 from miselbo.training.options import data_set_of
-from miselbo.training.settings import GRAD_SCALER_INIT_SCALE, TrainSettings
+from miselbo.training.precision import Precision, default_precision
+from miselbo.training.settings import TrainSettings
 from miselbo.training.stop import (EXIT_TRAINING_FAILED, NonFiniteLoss, StepGuard, StopAfterStep,
                                    StopRequests, TrainingStopped, signal_name)
 
@@ -62,6 +63,8 @@ class TrainResult:
     wall_seconds: float
     rank_parameter_sha256: tuple = field(default_factory=tuple)  # one per rank, when spawned
     seconds: dict = field(default_factory=dict)  # wall seconds per part: steps, epoch_tests, ...
+    precision: str = "fp32"  # how the training steps computed (train.py --precision, resolved)
+    skipped_steps: int = 0  # steps the float16 GradScaler skipped (inf/NaN gradients), this process
 
     def to_json(self) -> str:
         values = {key: str(value) if isinstance(value, Path) else value
@@ -103,11 +106,14 @@ def seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------- setting up, resuming
 
-def annotate_args(args: argparse.Namespace, setup: DistributedSetup, iterations: int) -> argparse.Namespace:
-    """The attributes NVAE's train.py adds to its namespace (they end up in the checkpoint)."""
+def annotate_args(args: argparse.Namespace, setup: DistributedSetup, iterations: int,
+                  precision: Precision | None = None) -> argparse.Namespace:
+    """The attributes NVAE's train.py adds to its namespace (they end up in the checkpoint), and
+    the resolved --precision (fp32, fp16 or bf16) in place of the typed one."""
+    extra = {} if precision is None else {"precision": precision.name}
     return argparse.Namespace(**dict(vars(args), num_total_iter=iterations * args.epochs,
                                      distributed=setup.world_size > 1, local_rank=setup.local_rank,
-                                     global_rank=setup.rank))
+                                     global_rank=setup.rank, **extra))
 
 
 def build_run_loaders(args: argparse.Namespace, setup: DistributedSetup, device: torch.device) -> Loaders:
@@ -119,10 +125,10 @@ def build_run_loaders(args: argparse.Namespace, setup: DistributedSetup, device:
                          world_size=setup.world_size, rank=setup.rank)
 
 
-def new_grad_scaler(device: torch.device) -> torch.amp.GradScaler:
-    """NVAE's GradScaler; enabled on CUDA only (CPU steps in float32)."""
-    return torch.amp.GradScaler(device.type, init_scale=GRAD_SCALER_INIT_SCALE,
-                                enabled=device.type == "cuda")
+def new_grad_scaler(device: torch.device, precision: Precision | None = None) -> torch.amp.GradScaler:
+    """NVAE's GradScaler, enabled when the steps compute in float16 (`precision`; None: `auto`,
+    float16 on CUDA and float32 on CPU)."""
+    return (precision or default_precision(device)).new_grad_scaler()
 
 
 def follow_schedule_flags(scheduler, settings: TrainSettings) -> None:
@@ -191,6 +197,7 @@ class Session(ABC):
     device: torch.device
     loaders: Loaders
     scaler: torch.amp.GradScaler
+    precision: Precision  # how the training steps compute (tests always run in float32)
     progress: Progress
     save_dir: Path
     guard: StepGuard
@@ -207,6 +214,7 @@ class Session(ABC):
     def run(self) -> TrainResult:
         started = time.perf_counter()
         self.log_start()
+        self.log_precision()
         for epoch in range(self.progress.epoch, self.settings.epochs):
             with self.clock.measure("steps"):  # includes data loading, also reported on its own
                 self.train_one_epoch(epoch)
@@ -235,6 +243,8 @@ class Session(ABC):
         epoch_loss = finish_epoch_loss(self.progress, self.device)
         self.log_epoch_loss(epoch, epoch_loss)
         self.board.scalar("train/epoch_loss", epoch_loss, self.progress.global_step)
+        if self.scaler.is_enabled():
+            self.log_scaler(epoch)
         if self.settings.param_check:
             self.check_decoder(epoch)
         if self.settings.validates_after(epoch):
@@ -243,6 +253,19 @@ class Session(ABC):
         if self.settings.checkpoints_after(epoch):
             with self.clock.measure("checkpoints"):
                 self.save()
+
+    def log_scaler(self, epoch: int) -> None:
+        """The float16 GradScaler's scale and the steps it skipped so far (normal when rare)."""
+        scale = self.scaler.get_scale()
+        self.log.info("epoch %d: GradScaler scale %g; %d step(s) skipped for inf/NaN gradients so "
+                      "far in this process (%d in a row at most allowed)", epoch + 1, scale,
+                      self.guard.skipped_steps, self.guard.max_consecutive_skips)
+        self.board.scalar("train/grad_scale", scale, self.progress.global_step)
+
+    def log_precision(self) -> None:
+        """How the steps compute; a resumed fp16 run also states the scale it continues with."""
+        scaled = f", GradScaler scale {self.scaler.get_scale():g}" if self.scaler.is_enabled() else ""
+        self.log.info("precision %s%s; tests in float32", self.precision.describe(), scaled)
 
     def check_decoder(self, epoch: int) -> None:
         """--param_check: stop if the frozen decoder no longer equals the parent's."""
@@ -348,7 +371,8 @@ class Session(ABC):
             test_nelbo=test.nelbo, test_neg_log_p=test.neg_log_p, test_nelbo_bpd=test.nelbo * bpd,
             test_neg_log_p_bpd=test.neg_log_p * bpd, final_iw_samples=self.settings.final_iw_samples,
             decoder_fingerprint=model.decoder_fingerprint(), parameter_sha256=parameter_sha256(model),
-            wall_seconds=time.perf_counter() - started, seconds=dict(seconds or {}))
+            wall_seconds=time.perf_counter() - started, seconds=dict(seconds or {}),
+            precision=self.precision.name, skipped_steps=self.guard.skipped_steps)
 
     def close(self) -> None:
         self.board.close()

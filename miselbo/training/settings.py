@@ -12,7 +12,19 @@ CHECKPOINTS_PER_RUN = 100  # a checkpoint every ceil(epochs / 100) epochs (docs/
 PARAMETER_AVERAGING_PERIOD = 100  # average parameters across processes every 100 batches (docs/nvae.md 8.4)
 SCALAR_LOG_PERIOD = 100  # TensorBoard scalars every 100 global steps
 IMAGE_LOG_PERIOD = 1000  # input/reconstruction grids every 1000 global steps
-GRAD_SCALER_INIT_SCALE = 2.0 ** 10
+GRAD_SCALER_INIT_SCALE = 2.0 ** 10  # NVAE's GradScaler(init_scale=2**10) (docs/nvae.md 8.1, step 7)
+# When the steps a float16 run's GradScaler skips stop being overflow and become a failed run (exit 3).
+# The scaler skips a step whose gradients hold inf/NaN and halves its scale; it doubles the scale
+# after 2000 clean steps. An isolated skip (a batch, or a scale that had grown one step too large)
+# is normal; a skip on every batch means the gradients are NaN or infinite at any scale.
+# - MAX_CONSECUTIVE_SKIPPED_STEPS: that many skipped steps in a row have cut the scale by 2^16; no
+#   overflow that float16 can represent needs more, and each skip is a batch the run lost.
+# - GRAD_SCALE_FLOOR = 2^-14, float16's smallest normal number: below it every scaled gradient
+#   smaller than 1 in magnitude is subnormal or zero in float16, so most of a step's gradient is
+#   lost; from NVAE's 2^10 that takes 24 more halvings than doublings (a slow erosion by skips
+#   that are never consecutive for long).
+MAX_CONSECUTIVE_SKIPPED_STEPS = 16
+GRAD_SCALE_FLOOR = 2.0 ** -14
 
 
 @dataclass(frozen=True)
