@@ -246,6 +246,8 @@ class JointSession(Session):
         return partial(_write_component, component, self.scaler, self.progress, extra)
 
     def save(self) -> None:
+        self.require_finite_checkpoint([(f"component {c.index}: ", c.model, c.optimizer)
+                                        for c in self.components])
         if self.is_main:
             paths = save_component_set(self.save_dir, [self._writer(c) for c in self.components])
             self.log.info("checkpoints written: %s (epoch %d done, global step %d)",

@@ -32,6 +32,25 @@ def first_nonfinite_parameter(named_parameters: Iterable[tuple[str, torch.Tensor
     return None
 
 
+def first_nonfinite_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str | None:
+    """The first tensor a checkpoint would hold that is not all finite, described for a message:
+    parameters and buffers (batch-norm statistics) in state_dict order, then the optimizer's state
+    per parameter; None when everything is finite."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not _is_finite(tensor):
+            kind = "parameter" if name in dict(model.named_parameters()) else "buffer"
+            return f"{kind} {name}"
+    if optimizer is None:
+        return None
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for key, value in optimizer.state.get(parameter, {}).items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not _is_finite(value):
+                    return f"optimizer state {key!r} of parameter {names.get(id(parameter), '(unnamed)')}"
+    return None
+
+
 def locate_forward(model, terms) -> str:
     """The first non-finite value of a step's forward pass, in computation order (LossTerms)."""
     parameter = first_nonfinite_parameter(model.named_parameters())

@@ -34,7 +34,6 @@ from miselbo.training.logs import (Board, RunLog, log_prior_samples, log_reconst
                                    log_step_scalars)
 from miselbo.training.loop import StepParts, train_epoch
 from miselbo.training.new_encoder import adopt_decoder, load_parent, require_recorded_decoder
-from miselbo.training.nonfinite import first_nonfinite_parameter
 from miselbo.training.objective import RegularisedLayers
 from miselbo.training.options import data_set_of
 from miselbo.training.precision import precision_of
@@ -44,7 +43,7 @@ from miselbo.training.session import (FINAL_TEST_WHERE, RESULT_FILE_NAME, SavedP
                                       write_train_result)
 from miselbo.training.settings import (IMAGE_LOG_PERIOD, SCALAR_LOG_PERIOD, VALID_IW_SAMPLES,
                                        TrainSettings)
-from miselbo.training.stop import EXIT_TRAINING_FAILED, StepGuard, StopRequests, TrainingStopped
+from miselbo.training.stop import StepGuard, StopRequests
 
 # RESULT_FILE_NAME and TrainResult live in miselbo.training.session; importers that know them
 # as this module's names keep working.
@@ -230,13 +229,7 @@ class TrainingSession(Session):
 
     def save(self) -> Path:
         path = self.save_dir / "checkpoint.pt"
-        bad = first_nonfinite_parameter(self.model.named_parameters())
-        if bad is not None:  # never replace the last good checkpoint by non-finite weights
-            raise TrainingStopped(
-                f"training stopped at global step {self.progress.global_step}: parameter {bad} is "
-                f"not finite, so no checkpoint was written; the last good one is kept "
-                f"({self.last_checkpoint.path if self.last_checkpoint else 'none was written yet'}).",
-                EXIT_TRAINING_FAILED)
+        self.require_finite_checkpoint([("", self.model, self.optimizer)])
         if self.is_main:
             path = save_training_checkpoint(self.save_dir, self.model, self.args, self.optimizer,
                                             self.scheduler, self.scaler, self.progress, self.lineage)

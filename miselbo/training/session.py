@@ -34,6 +34,7 @@ from miselbo.storage.safe_io import atomic_write_text
 from miselbo.training.checkpointing import Progress, require_parent_decoder, restore_training_state
 from miselbo.training.evaluation import EvaluationInterrupted, TestResult, evaluate_bounds
 from miselbo.training.logs import Board, RunLog
+from miselbo.training.nonfinite import first_nonfinite_state
 from miselbo.training.options import data_set_of
 from miselbo.training.precision import Precision, default_precision
 from miselbo.training.settings import TrainSettings
@@ -133,9 +134,20 @@ def new_grad_scaler(device: torch.device, precision: Precision | None = None) ->
 
 def follow_schedule_flags(scheduler, settings: TrainSettings) -> None:
     """After resuming, the cosine schedule follows this command's --epochs / --learning_rate_min
-    (a loaded state would keep the old period; with more epochs NVAE then divides by zero)."""
+    (a loaded state would keep the old period; with more epochs NVAE then divides by zero) and its
+    --learning_rate: a run resumed after a divergence with a lower --learning_rate continues at
+    the same point of the cosine between the new peak and minimum (a loaded state would keep the
+    rate that diverged). With the recorded --learning_rate nothing but the period and minimum moves."""
+    old_min, new_min = scheduler.eta_min, settings.learning_rate_min
+    for index, (group, old_peak) in enumerate(zip(scheduler.optimizer.param_groups, scheduler.base_lrs)):
+        if old_peak == settings.learning_rate:
+            continue
+        span = old_peak - old_min
+        position = (group["lr"] - old_min) / span if span else 1.0  # 1 at the peak, 0 at the minimum
+        group["lr"] = new_min + (settings.learning_rate - new_min) * position
+        group["initial_lr"] = scheduler.base_lrs[index] = settings.learning_rate
     scheduler.T_max = float(settings.epochs - settings.warmup_epochs - 1)
-    scheduler.eta_min = settings.learning_rate_min
+    scheduler.eta_min = new_min
 
 
 def restore_optimisation(checkpoint: dict, optimizer, scheduler, scaler, folder: Path,
@@ -335,15 +347,35 @@ class Session(ABC):
 
     def nonfinite(self, err: NonFiniteLoss, epoch: int) -> TrainingStopped:
         """The stop for a non-finite loss or gradient: no update, no checkpoint, the last kept."""
-        if self.last_checkpoint is None:
-            kept = "No checkpoint had been written yet; start again, e.g. with a lower --learning_rate."
-        else:
-            kept = (f"The last good {self.kept_checkpoint()} (perhaps with a lower --learning_rate) "
-                    f"with:\n  {self.resume_command}")
         first_place = f"; the first value that went non-finite: {err.first_place}" if err.first_place else ""
         return TrainingStopped(
             f"training stopped: {err} ({self.failed_step(epoch)}){first_place}; the weights were not "
-            f"updated with it and no checkpoint was written. {kept}", EXIT_TRAINING_FAILED)
+            f"updated with it and no checkpoint was written. {self.kept_sentence()}", EXIT_TRAINING_FAILED)
+
+    def kept_sentence(self) -> str:
+        """Which checkpoint a failed run leaves and how to resume from it."""
+        if self.last_checkpoint is None:
+            return "No checkpoint had been written yet; start again, e.g. with a lower --learning_rate."
+        return (f"The last good {self.kept_checkpoint()} (perhaps with a lower --learning_rate) "
+                f"with:\n  {self.resume_command}")
+
+    def require_finite_checkpoint(self, states) -> None:
+        """Before a save: stop (exit 3) if any tensor the checkpoint(s) would hold, parameters,
+        buffers (batch-norm statistics) or optimizer state, is not finite on any process, so a bad
+        checkpoint never replaces the last good one. `states`: (label, model, optimizer) per file."""
+        bad = None
+        for label, model, optimizer in states:
+            found = first_nonfinite_state(model, optimizer)
+            if found is not None:
+                bad = f"{label}{found}"
+                break
+        any_bad = torch.tensor([0.0 if bad is None else 1.0], device=self.device)  # [1]
+        if float(distributed.sum_tensor_(any_bad)) == 0.0:
+            return
+        raise TrainingStopped(
+            f"training stopped at global step {self.progress.global_step}: "
+            f"{bad or 'a tensor of another process'} is not finite, so no checkpoint was written. "
+            f"{self.kept_sentence()}", EXIT_TRAINING_FAILED)
 
     # ------------------------------------------------------------------------- tests, the end
 
