@@ -28,6 +28,12 @@ DEMO = REPO_ROOT / "models" / "mnist5k_demo"
 
 
 @pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Run in a fresh folder, so that the default --save (results/miselbo) never lands in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models run many small ops: one thread is faster (as ensemble_helpers.one_torch_thread)."""
     previous = torch.get_num_threads()
