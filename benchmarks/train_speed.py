@@ -16,13 +16,28 @@ Before it, with --joint_encoders K (default 4), a joint step of K encoders (trai
 against one new-encoder step on the same batch, alternating, and `RESULT_JOINT {json}` gives the
 ratio joint / (K x new-encoder step) (target <= 0.80). The joint step's memory is not measured.
 
+With --precision P1,P2,... (train.py's --precision values) the precisions are compared instead,
+float32 always the reference (added first when not listed), the models channels-last on the CPU
+as train.py trains them there. First a gate: at the same weights and the same posterior draws,
+each precision's loss and gradient (the step's nelbo_loss under its autocast; with a GradScaler
+the scaled gradient unscaled) must agree with float32's within LOSS_REL_TOL, GRAD_COSINE_MIN and
+GRAD_REL_ERROR_MAX; otherwise the benchmark says which comparison failed and exits 1 before any
+timing. Then full and new-encoder steps of every precision alternate (each from the same initial
+weights), and each (step kind, precision) gets its peak memory as above. `RESULT {json}` holds the
+median step times per precision, the ratios to float32 (keys such as ratio_full_bf16_over_fp32),
+the memory figures and the loss differences. On the CPU the CUDA part (float16 as NVAE trains) is
+skipped with a line that says so; on a GPU the same command with --device cuda measures it. A
+precision the device cannot run is refused (exit 2). The joint comparison is skipped unless
+--joint_encoders is given. --preset demo or tiny times another preset's model instead.
+
     python benchmarks/train_speed.py [--batch_size 16] [--steps 10] [--warmup_steps 3] [--device auto]
                                      [--threads N] [--joint_encoders 4] [--joint_objectives independent,miselbo]
-                                     [--joint_only]
+                                     [--joint_only] [--precision fp32,bf16] [--preset paper]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -35,17 +50,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from miselbo.errors import UserError  # noqa: E402
 from miselbo.runtime.cli import resolve_device  # noqa: E402
+from miselbo.runtime.cpu_layout import use_fast_cpu_layout  # noqa: E402
 from miselbo.data.datasets import load_dataset  # noqa: E402
 from miselbo.nvae.config import get_arch_cells  # noqa: E402
 from miselbo.nvae.model import AutoEncoder, is_decoder_key  # noqa: E402
 from miselbo.nvae.objectives import kl_balance_alpha  # noqa: E402
 from miselbo.nvae.optim import build_optimizer  # noqa: E402
-from miselbo.pipeline.presets import PAPER  # noqa: E402
-from miselbo.training.loop import StepParts, train_step  # noqa: E402
+from miselbo.pipeline.presets import PAPER, PRESETS  # noqa: E402
+from miselbo.training.loop import StepParts, step_weights, train_step  # noqa: E402
 from miselbo.training.new_encoder import Parent, adopt_decoder  # noqa: E402
-from miselbo.training.objective import RegularisedLayers  # noqa: E402
+from miselbo.training.objective import RegularisedLayers, nelbo_loss  # noqa: E402
 from miselbo.training.options import build_parser  # noqa: E402
+from miselbo.training.precision import Precision, default_precision, resolve_precision  # noqa: E402
 from miselbo.training.settings import TrainSettings  # noqa: E402
 from miselbo.training.stop import StepGuard, StopRequests  # noqa: E402
 from miselbo.ensemble.shared_decoder import share_decoder  # noqa: E402
@@ -54,14 +72,34 @@ from miselbo.training.joint_step import Component, JointStep, joint_train_step  
 
 # The paper recipe's architecture and schedule (the batch size of a step is --batch_size below).
 MNIST_PAPER_FLAGS = ["--dataset", "mnist", *PAPER.architecture, *PAPER.schedule]
+# the model and schedule of the steps: the paper recipe unless --preset names another preset
+step_flags = MNIST_PAPER_FLAGS
 STEP_INDEX = 100  # a global step past the (here irrelevant) learning-rate warm-up, β < 1
 MODES = ("full", "new_q")
 
 
+# The gate of --precision: at the same weights and draws a precision's loss must lie within
+# LOSS_REL_TOL of float32's (relative), and its gradient g (all trained parameters as one vector)
+# must point the same way, cosine >= GRAD_COSINE_MIN, with |g - g_fp32| / |g_fp32| <=
+# GRAD_REL_ERROR_MAX. bfloat16 rounds each operation's result to 8 significant bits (relative
+# error up to 2^-9 = 2e-3), float16 to 11; the loss sums many such results whose errors mostly
+# cancel, so its error stays below one rounding step (the tolerance allows 2.5), and rounding
+# turns the gradient by far less than the 2.6 degrees of cosine 0.999. A wrong path (a lost or
+# doubled term, other draws, a gradient left scaled) misses at least one of the three by far.
+LOSS_REL_TOL = 5e-3
+GRAD_COSINE_MIN = 0.999
+GRAD_REL_ERROR_MAX = 0.05
+GATE_FAILED = 1
+REFUSED = 2
+
+
 def build_step_parts(mode: str, device: torch.device, parent: AutoEncoder | None = None, seed: int = 1,
-                     flags: list[str] = MNIST_PAPER_FLAGS):
+                     flags: list[str] | None = None, precision: Precision | None = None):
     """(StepParts, model) for a full step (seed 0) or a new-encoder step (`seed`, parent's decoder),
-    of the model and schedule train.py `flags` give (default: the paper recipe's)."""
+    of the model and schedule train.py `flags` give (default: step_flags, the --preset's), computing
+    in `precision` (None: train.py's --precision auto on `device`)."""
+    flags = flags or step_flags
+    precision = precision or default_precision(device)
     args = build_parser().parse_args(flags)
     torch.manual_seed(0 if mode == "full" else seed)
     model = AutoEncoder(args, None, get_arch_cells(args.arch_instance))
@@ -75,10 +113,10 @@ def build_step_parts(mode: str, device: torch.device, parent: AutoEncoder | None
     model.to(device).train()
     parts = StepParts(model=model, optimizer=build_optimizer(trainable, args.learning_rate, args.weight_decay,
                                                              fast=args.fast_adamax),
-                      grad_scaler=torch.amp.GradScaler(device.type, enabled=device.type == "cuda"),
+                      grad_scaler=precision.new_grad_scaler(),
                       trainable=trainable, alpha=kl_balance_alpha(model.groups_per_scale, device=device),
                       layers=layers, settings=TrainSettings.from_args(args),
-                      iterations_per_epoch=1000, device=device)
+                      iterations_per_epoch=1000, device=device, precision=precision)
     return parts, model
 
 
@@ -177,10 +215,12 @@ def peak_rss_bytes() -> int:
     return _status_kib("VmHWM") * 1024
 
 
-def memory_of_one_mode(mode: str, options) -> dict:
+def memory_of_one_mode(mode: str, options, precision: Precision | None = None) -> dict:
     """Run in a fresh process: RSS before the first step, peak RSS after the steps (bytes)."""
     device = torch.device("cpu")
-    parts, _ = build_step_parts(mode, device)
+    parts, _ = build_step_parts(mode, device, precision=precision)
+    if precision is not None:  # --precision: the layout train.py trains in on the CPU
+        use_fast_cpu_layout([parts.model])
     x = real_batch(options.batch_size, device)
     guard = StepGuard(StopRequests(announce=False), device)
     before = current_rss_bytes()
@@ -190,13 +230,15 @@ def memory_of_one_mode(mode: str, options) -> dict:
     return {"rss_before_steps": before, "peak_rss": peak}
 
 
-def cpu_memory(options) -> dict:
+def cpu_memory(options, precision: str | None = None) -> dict:
     """memory_of_one_mode of each kind of step, each in its own subprocess."""
     figures = {}
     for mode in MODES:
         command = [sys.executable, __file__, "--memory_of", mode, "--batch_size",
                    str(options.batch_size), "--warmup_steps", str(options.warmup_steps),
-                   "--threads", str(options.threads)]
+                   "--threads", str(options.threads), "--preset", options.preset]
+        if precision is not None:
+            command += ["--memory_precision", precision]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         measured = json.loads(done.stdout.strip().splitlines()[-1])
         figures[mode] = {"peak_rss_mib": measured["peak_rss"] / 2 ** 20,
@@ -205,10 +247,10 @@ def cpu_memory(options) -> dict:
     return figures
 
 
-def cuda_memory(options, device: torch.device) -> dict:
+def cuda_memory(options, device: torch.device, precision: Precision | None = None) -> dict:
     figures = {}
     for mode in MODES:
-        parts, _ = build_step_parts(mode, device)
+        parts, _ = build_step_parts(mode, device, precision=precision)
         x = real_batch(options.batch_size, device)
         guard = StepGuard(StopRequests(announce=False), device)
         torch.cuda.synchronize(device)
@@ -222,6 +264,148 @@ def cuda_memory(options, device: torch.device) -> dict:
                              (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20}
         del parts
     return figures
+
+
+# ----------------------------------------------------------------------------- --precision
+
+def loss_and_gradient(parts: StepParts, x: torch.Tensor, draw_seed: int) -> tuple[float, torch.Tensor]:
+    """The step's loss and its gradient over the trained parameters (one float32 vector), computed
+    as train_step computes them under the parts' precision, without updating: posterior draws from
+    `draw_seed`; with a GradScaler the scaled gradient is unscaled, and the scale halved until the
+    float16 gradient is finite (what the scaler's skipped steps do)."""
+    scaler, precision = parts.grad_scaler, parts.step_precision
+    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+    beta, lam = step_weights(parts.settings, STEP_INDEX, parts.num_total_iter)
+    for _ in range(64):
+        # the same weights, batch-norm and power-iteration state every time; layers follow the copy
+        model, layers = copy.deepcopy((parts.model, parts.layers))
+        trained = [p for p in model.parameters() if p.requires_grad]
+        torch.manual_seed(draw_seed)
+        with precision.autocast():
+            loss = nelbo_loss(model, x, beta, parts.alpha, lam, layers).loss
+        (loss * scale).backward()
+        gradient = torch.cat([p.grad.reshape(-1).float() / scale for p in trained if p.grad is not None])
+        if bool(torch.isfinite(gradient).all()) or not scaler.is_enabled():
+            return float(loss.detach()), gradient
+        scale /= 2
+    raise RuntimeError("the float16 gradient stayed non-finite at every scale")
+
+
+def compare_with_float32(all_parts: dict, x: torch.Tensor) -> dict:
+    """{precision: {mode: agreement}} at the same weights and draws, float32 the reference."""
+    agreement = {}
+    for mode in MODES:
+        reference_loss, reference_gradient = loss_and_gradient(all_parts["fp32"][mode], x, draw_seed=7)
+        for name, by_mode in all_parts.items():
+            if name == "fp32":
+                continue
+            loss, gradient = loss_and_gradient(by_mode[mode], x, draw_seed=7)
+            cosine = float(torch.nn.functional.cosine_similarity(gradient.double(),
+                                                                 reference_gradient.double(), dim=0))
+            relative = abs(loss - reference_loss) / abs(reference_loss)
+            error = float((gradient - reference_gradient).norm() / reference_gradient.norm())
+            agreement.setdefault(name, {})[mode] = {
+                "loss": loss, "loss_fp32": reference_loss, "loss_diff": loss - reference_loss,
+                "loss_rel_diff": relative, "grad_cosine": cosine, "grad_rel_error": error,
+                "agrees": bool(relative <= LOSS_REL_TOL and cosine >= GRAD_COSINE_MIN
+                               and error <= GRAD_REL_ERROR_MAX)}
+    return agreement
+
+
+def precision_list(text: str, device: torch.device) -> list[Precision]:
+    """The --precision values resolved on `device`, float32 first; UserError for one it cannot run."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    resolved = [resolve_precision(name, device) for name in names]
+    ordered = [Precision("fp32", device.type)] + [p for p in resolved if p.name != "fp32"]
+    return list(dict.fromkeys(ordered))  # without repeats (auto may equal another)
+
+
+def median_precision_step_times(all_parts: dict, x: torch.Tensor, options, device: torch.device) -> dict:
+    """Alternate every (step kind, precision); median seconds of each after the warm-up."""
+    guard = StepGuard(StopRequests(announce=False), device)
+    times = {name: {mode: [] for mode in MODES} for name in all_parts}
+    for index in range(options.warmup_steps + options.steps):
+        for mode in MODES:
+            for name, by_mode in all_parts.items():
+                seconds = timed_step(by_mode[mode], x, guard)
+                if index >= options.warmup_steps:
+                    times[name][mode].append(seconds)
+    return {name: {mode: statistics.median(values) for mode, values in by_mode.items()}
+            for name, by_mode in times.items()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cuda_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"CUDA part: measured on {torch.cuda.get_device_name(device)}"
+    return ("CUDA part: skipped, this run is on the CPU (torch.cuda.is_available() is "
+            f"{torch.cuda.is_available()}); on a GPU run the same command with --device cuda and "
+            "--precision fp32,fp16,bf16 for NVAE's float16 step")
+
+
+def print_precision_result(options, device: torch.device) -> int:
+    """The --precision comparison; returns the exit status (GATE_FAILED before any timing)."""
+    try:
+        precisions = precision_list(options.precision, device)
+    except UserError as err:
+        print(f"train_speed.py: {err}", file=sys.stderr)
+        return REFUSED
+    print(cuda_line(device))
+    _full_parts, full_model = build_step_parts("full", torch.device("cpu"))
+    parent = full_model.cpu()
+    all_parts = {p.name: {mode: build_step_parts(mode, device, parent=parent, precision=p)[0] for mode in MODES}
+                 for p in precisions}
+    use_fast_cpu_layout([parts.model for by_mode in all_parts.values() for parts in by_mode.values()])
+    x = real_batch(options.batch_size, device)
+    agreement = compare_with_float32(all_parts, x)
+    for name, by_mode in agreement.items():
+        for mode, figures in by_mode.items():
+            print(f"{name} vs fp32, {mode} step, same weights and draws: loss {figures['loss']:.4f} vs "
+                  f"{figures['loss_fp32']:.4f} (relative difference {figures['loss_rel_diff']:.2e}, "
+                  f"tolerance {LOSS_REL_TOL:g}); gradient cosine {figures['grad_cosine']:.6f} (minimum "
+                  f"{GRAD_COSINE_MIN:g}), relative error {figures['grad_rel_error']:.2e} (maximum "
+                  f"{GRAD_REL_ERROR_MAX:g})")
+    failed = [f"{name} {mode}" for name, by_mode in agreement.items() for mode, f in by_mode.items()
+              if not f["agrees"]]
+    if failed:
+        print(f"GATE FAILED: {', '.join(failed)} do(es) not compute what float32 computes within "
+              f"the tolerances; no speed is reported.", file=sys.stderr)
+        return GATE_FAILED
+    memory = {}
+    for precision in precisions:
+        memory[precision.name] = (cuda_memory(options, device, precision) if device.type == "cuda"
+                                  else cpu_memory(options, precision.name))
+    times = median_precision_step_times(all_parts, x, options, device)
+    result = {"device": str(device), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+              "cpu": cpu_model(), "preset": options.preset, "batch_size": options.batch_size,
+              "layout": "channels_last" if device.type == "cpu" else "default",
+              "timed_steps": options.steps, "warmup_steps": options.warmup_steps,
+              "precisions": [p.name for p in precisions], "step_s": times, "memory": memory,
+              "loss_vs_fp32": agreement,
+              "gate": {"loss_rel_tol": LOSS_REL_TOL, "grad_cosine_min": GRAD_COSINE_MIN,
+                       "grad_rel_error_max": GRAD_REL_ERROR_MAX, "passed": True},
+              "cuda": cuda_line(device)}
+    for precision in precisions:
+        for mode in MODES:
+            result[f"{mode}_step_s_{precision.name}"] = times[precision.name][mode]
+            if precision.name != "fp32":
+                ratio = times[precision.name][mode] / times["fp32"][mode]
+                result[f"ratio_{mode}_{precision.name}_over_fp32"] = ratio
+                print(f"{mode} step: {precision.name} {times[precision.name][mode]:.4f} s, fp32 "
+                      f"{times['fp32'][mode]:.4f} s, ratio {ratio:.3f}")
+    print("RESULT " + json.dumps(result))
+    return 0
 
 
 def print_joint_result(options, device: torch.device) -> None:
@@ -247,24 +431,38 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default); 1 is robust on a shared machine")
-    parser.add_argument("--joint_encoders", type=int, default=4,
+    parser.add_argument("--joint_encoders", type=int, default=None,
                         help="also time one joint step of this many encoders (train.py "
-                             "--num_new_encoders) against as many new-encoder steps; 0: skip")
+                             "--num_new_encoders) against as many new-encoder steps; 0: skip "
+                             "(default 4, or 0 with --precision)")
     parser.add_argument("--joint_objectives", default="independent,miselbo",
                         help="comma-separated --mixture_objective values of the joint steps")
     parser.add_argument("--joint_only", action="store_true", help="skip the full-vs-new_q part")
+    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS),
+                        help="the model and schedule of the steps (miselbo/pipeline/presets.py)")
+    parser.add_argument("--precision", default=None,
+                        help="comma-separated train.py --precision values to compare with float32 "
+                             "(e.g. fp32,bf16); see the module docstring")
     parser.add_argument("--memory_of", choices=MODES, help=argparse.SUPPRESS)  # internal
+    parser.add_argument("--memory_precision", default=None, help=argparse.SUPPRESS)  # internal
     options = parser.parse_args(argv)
+    global step_flags
+    step_flags = ["--dataset", "mnist", *PRESETS[options.preset].architecture, *PRESETS[options.preset].schedule]
     if options.threads > 0:
         torch.set_num_threads(options.threads)
     if options.memory_of:
-        print(json.dumps(memory_of_one_mode(options.memory_of, options)))
-        return
+        precision = (Precision(options.memory_precision, "cpu") if options.memory_precision else None)
+        print(json.dumps(memory_of_one_mode(options.memory_of, options, precision)))
+        return 0
     device = resolve_device(options.device)
+    if options.joint_encoders is None:
+        options.joint_encoders = 0 if options.precision else 4
     if options.joint_encoders > 0:
         print_joint_result(options, device)
     if options.joint_only:
-        return
+        return 0
+    if options.precision:
+        return print_precision_result(options, device)
     memory = cuda_memory(options, device) if device.type == "cuda" else cpu_memory(options)
     times = median_step_times(options, device)
     result = {"device": str(device), "torch_threads": torch.get_num_threads(),
@@ -275,7 +473,8 @@ def main(argv=None) -> None:
     print(f"full step {times['full']:.4f} s, new-encoder step {times['new_q']:.4f} s, "
           f"ratio {result['ratio_new_q_over_full']:.3f}")
     print("RESULT " + json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
