@@ -174,7 +174,7 @@ def test_draws_that_cannot_be_replayed_by_size_are_refused(module):
 def test_a_bad_epoch_test_size_is_refused(tmp_path, capsys):
     from miselbo.training import main
     assert main(run_args(tmp_path, "bad", "--epoch_test_examples", "0")) == 2
-    assert "--epoch_test_examples must be >= 1" in capsys.readouterr().err
+    assert "--epoch_test_examples must be a whole number >= 1" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the pipeline

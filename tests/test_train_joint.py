@@ -252,7 +252,7 @@ def test_interrupted_joint_run_resumes_to_the_full_number_of_steps(parent, tmp_p
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--num_new_encoders", "0"], "--num_new_encoders must be >= 1"),
+    (["--num_new_encoders", "0"], "--num_new_encoders must be a whole number >= 1"),
     (["--mixture_objective", "s2a", "--num_new_encoders", "3"], "needs --num_active"),
     (["--mixture_objective", "s2s", "--num_new_encoders", "2", "--num_active", "3"], "needs --num_active"),
     (["--num_active", "1", "--num_new_encoders", "2"], "only used with --mixture_objective s2a"),

@@ -97,6 +97,24 @@ def test_bad_numbers_are_refused_naming_the_flag(argv, flag):
         validate_numbers(build_parser().parse_args(argv))
 
 
+def test_counts_and_seeds_use_the_shared_flag_rules_of_the_evaluation():
+    """train.py refuses counts and seeds with miselbo.runtime.flags' words, and a bool is no count."""
+    from miselbo.runtime import flags
+    from miselbo.training import options
+    assert options.MAX_SEED is flags.MAX_SEED
+    for argv, words in [(["--epochs", "0"], "--epochs must be a whole number >= 1, got 0."),
+                        (["--num_test_examples", "0"], "--num_test_examples must be a whole number >= 1"),
+                        (["--seed", str(flags.MAX_SEED + 1)], f"--seed must lie in 0 .. {flags.MAX_SEED}")]:
+        with pytest.raises(UserError) as refused:
+            validate_numbers(build_parser().parse_args(argv))
+        assert words in str(refused.value)
+    args = build_parser().parse_args(["--train_new_q", "--p_and_q1_path", "x"])
+    for bad in (0, True):
+        args.num_new_encoders = bad
+        with pytest.raises(UserError, match="--num_new_encoders must be a whole number >= 1"):
+            validate_modes(args)
+
+
 @pytest.mark.parametrize("argv, phrase", [(["--train_new_q"], "needs --p_and_q1_path"),
                                           (["--p_and_q1_path", "x"], "only used with --train_new_q"),
                                           (["--param_check"], "needs --train_new_q")])

@@ -27,10 +27,11 @@ from miselbo.errors import DataError
 from miselbo.data.datasets import SUPPORTED_DATASETS, check_dataset_name, nvae_dataset_name
 from miselbo.nvae.config import ModelConfig, add_nvae_train_arguments
 from miselbo.training.precision import PRECISION_CHOICES
+from miselbo.runtime import flags
+from miselbo.runtime.flags import MAX_SEED
 
 PROG = "train.py"
 DEFAULT_FINAL_IW_SAMPLES = 1000
-MAX_SEED = 2 ** 32 - 1  # NumPy's seed range
 # Never taken from a stored run: where this run writes and how its processes start.
 # --precision is one of them: like --device it says how to compute, not what to train (a checkpoint
 # records the resolved one in its args).
@@ -156,16 +157,15 @@ def _finite(args: argparse.Namespace, name: str, low: float, high: float = math.
 def validate_numbers(args: argparse.Namespace) -> None:
     """Refuse numeric flags no training run can use, naming the flag and the allowed range."""
     for name in ("epochs", "batch_size", "num_proc_node", "num_process_per_node", "final_iw_samples"):
-        _require(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}.")
+        flags.count(f"--{name}", getattr(args, name))
     for name in ("warmup_epochs", "num_workers"):
         _require(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}.")
     for name in ("num_train_examples", "num_test_examples", "epoch_test_examples"):
-        value = getattr(args, name)
-        _require(value is None or value >= 1, f"--{name} must be >= 1 when given, got {value}.")
+        flags.optional_count(f"--{name}", getattr(args, name))
     _require(0 <= args.node_rank < args.num_proc_node,
              f"--node_rank must lie in 0 .. --num_proc_node - 1 = {args.num_proc_node - 1}, got "
              f"{args.node_rank}.")
-    _require(0 <= args.seed <= MAX_SEED, f"--seed must lie in 0 .. {MAX_SEED}, got {args.seed}.")
+    flags.seed("--seed", args.seed)
     _require(1 <= args.num_x_bits <= 8, f"--num_x_bits must lie in 1 .. 8, got {args.num_x_bits}.")
     _finite(args, "learning_rate", 0.0, low_open=True)
     for name in ("learning_rate_min", "weight_decay", "weight_decay_norm", "weight_decay_norm_init"):
@@ -198,7 +198,7 @@ def validate_joint(args: argparse.Namespace) -> None:
     objective = getattr(args, "mixture_objective", "independent")
     active = getattr(args, "num_active", None)
     include_parent = getattr(args, "include_parent_encoder", False)
-    _require(count >= 1, f"--num_new_encoders must be >= 1, got {count}.")
+    flags.count("--num_new_encoders", count)
     joint_flags = count > 1 or objective != "independent" or active is not None or include_parent
     _require(args.train_new_q or not joint_flags, "--num_new_encoders, --mixture_objective, "
              "--num_active and --include_parent_encoder train new encoders against a frozen "
