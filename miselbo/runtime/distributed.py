@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -26,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from miselbo.errors import UserError
+from miselbo.runtime.parent_death import follow_parent
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -103,10 +105,13 @@ def spawn_processes(worker: Callable[[DistributedSetup], None], setups: list[Dis
     port = setups[0].master_port or int(os.environ.get("MASTER_PORT") or free_port(setups[0].master_address))
     setups = [DistributedSetup(s.rank, s.local_rank, s.world_size, s.device_type, s.master_address, port)
               for s in setups]
-    mp.spawn(_spawned_entry, args=(worker, setups), nprocs=len(setups), join=True)
+    mp.spawn(_spawned_entry, args=(worker, setups, os.getpid()), nprocs=len(setups), join=True)
 
 
-def _spawned_entry(index: int, worker, setups: list[DistributedSetup]) -> None:
+def _spawned_entry(index: int, worker, setups: list[DistributedSetup], parent_pid: int) -> None:
+    """A spawned process: it gets SIGTERM when the process that spawned it dies (a SIGKILLed
+    evaluation or training leaves no workers behind), then runs its share."""
+    follow_parent(parent_pid, signal.SIGTERM)
     worker(setups[index])
 
 

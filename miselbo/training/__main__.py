@@ -6,27 +6,19 @@ when that parent dies (prctl PR_SET_PDEATHSIG), and exits at once if the parent 
 a training run never keeps going after the pipeline that started it was killed. SIGTERM makes
 training stop after its current step with a checkpoint.
 """
-import ctypes
 import os
 import signal
 import sys
 
 from miselbo.runtime.cli import run_cli
+from miselbo.runtime.parent_death import follow_parent
 from miselbo.training import main
-
-PR_SET_PDEATHSIG = 1
 
 
 def _follow_parent() -> None:
     parent = os.environ.get("MISELBO_PARENT_PID")
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if str(os.getppid()) != parent:  # the parent died before prctl took effect
-        sys.exit(128 + int(signal.SIGTERM))
+    if parent and parent.isdigit():
+        follow_parent(int(parent), signal.SIGTERM)
 
 
 if __name__ == "__main__":
