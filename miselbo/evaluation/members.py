@@ -150,6 +150,18 @@ def refuse_repeated_files(paths: Sequence[str | Path]) -> None:
         seen[identity] = (position, path)
 
 
+def first_decoder_difference(first: AutoEncoder, other: AutoEncoder) -> str:
+    """' (first differing decoder tensor: NAME, ...)' for a message, or '' when the decoder tensors
+    are equal (then only the recorded fingerprints differ)."""
+    mine, theirs = first.state_dict(), other.state_dict()
+    differing = [key for key in mine if is_decoder_key(key) and
+                 (key not in theirs or mine[key].shape != theirs[key].shape or not torch.equal(mine[key], theirs[key]))]
+    if not differing:
+        return ""
+    more = f", and {len(differing) - 1} more" if len(differing) > 1 else ""
+    return f" (first differing decoder tensor: {differing[0]}{more})"
+
+
 def encoder_fingerprint(model: AutoEncoder) -> str:
     """SHA-256 hex over name, dtype, shape and bytes of every encoder parameter and buffer."""
     digest = hashlib.sha256()
@@ -232,8 +244,9 @@ def load_members(paths: Sequence[str | Path], device: torch.device | str = "cpu"
         problems = []
         actual = model.decoder_fingerprint()
         if fingerprint != actual:
+            against_first = "" if loaded is None else first_decoder_difference(loaded.models[0], model)
             problems.append(f"{path} records decoder fingerprint {fingerprint[:16]}... but its decoder "
-                            f"weights hash to {actual[:16]}... (edited or mislabelled file)")
+                            f"weights hash to {actual[:16]}... (edited or mislabelled file){against_first}")
         if loaded is None:
             loaded = LoadedMembers([], [], args, [])
         else:
@@ -241,7 +254,7 @@ def load_members(paths: Sequence[str | Path], device: torch.device | str = "cpu"
                                       str(path))
             if fingerprint != loaded.fingerprints[0]:
                 problems.append(f"{path} has decoder {fingerprint[:16]}... but {loaded.paths[0]} has "
-                                f"{loaded.fingerprints[0][:16]}...")
+                                f"{loaded.fingerprints[0][:16]}...{first_decoder_difference(loaded.models[0], model)}")
             share_decoder(loaded.models[0], model)
         loaded.paths.append(path)
         loaded.models.append(model)
