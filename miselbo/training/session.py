@@ -407,5 +407,8 @@ class Session(ABC):
             precision=self.precision.name, skipped_steps=self.guard.skipped_steps)
 
     def close(self) -> None:
-        self.board.close()
-        self.log.close()
+        """Close the reports; neither raises on a full disk, so the run's own error is what shows."""
+        try:
+            self.board.close()
+        finally:
+            self.log.close()
