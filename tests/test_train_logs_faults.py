@@ -41,7 +41,9 @@ def _within(seconds, action):
 
 def test_a_full_disk_switches_the_board_off_without_a_thread_traceback(tmp_path, capsys, thread_errors):
     board = Board(tmp_path, enabled=True)
-    _events(board)._ev_writer._py_recordio_writer = _FullDisk()
+    records = _events(board)._ev_writer
+    records._py_recordio_writer.close()
+    records._py_recordio_writer = _FullDisk()
     board.scalar("a", 1.0, 0)
     _events(board)._worker._next_flush_time = 0  # the writer's thread flushes at its next wake-up
     board.scalar("a", 2.0, 1)
