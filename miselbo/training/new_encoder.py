@@ -14,6 +14,7 @@ from pathlib import Path
 
 from miselbo.errors import CheckpointError
 from miselbo.storage.checkpoints import load_nvae_checkpoint, read_checkpoint, resolve_checkpoint_path
+from miselbo.storage.safe_io import NotARegularFileError, regular_file
 from miselbo.errors import UserError
 from miselbo.nvae.model import is_decoder_key
 
@@ -27,11 +28,16 @@ class Parent:
 
 
 def parent_checkpoint_path(p_and_q1_path: str) -> Path:
-    """The parent's checkpoint file, with an error that names --p_and_q1_path."""
+    """The parent's checkpoint file (its real path), with an error that names --p_and_q1_path.
+
+    The storage layer judges the path as typed: a /dev/fd/N pipe from <(cat parent.pt) resolves to
+    no real file, so resolving it first would turn the clear pipe refusal into "does not exist"."""
     try:
-        return resolve_checkpoint_path(p_and_q1_path).resolve()
+        return regular_file(resolve_checkpoint_path(p_and_q1_path))
     except CheckpointError as err:
         raise CheckpointError(f"--p_and_q1_path {p_and_q1_path}: {err}") from None
+    except NotARegularFileError as err:
+        raise NotARegularFileError(f"--p_and_q1_path {p_and_q1_path}: {err}") from None
 
 
 def read_parent_args(p_and_q1_path: str, trust: bool) -> argparse.Namespace:
