@@ -33,6 +33,7 @@ from miselbo.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, USER_ERRORS, UserE
 from miselbo.runtime.cli import resolve_device, run_cli
 from miselbo.runtime.distributed import DistributedSetup
 from miselbo.runtime.distribution_checks import no_distribution_validation
+from miselbo.runtime.parent_death import follow_parent
 from miselbo.storage.run_lock import hold_run_lock
 from miselbo.storage.folders import removed_if_left_empty
 from miselbo.training.options import PROG
@@ -41,7 +42,7 @@ from miselbo.training.prepare import prepare_save_folder, resolve_run_args
 from miselbo.training.joint import JointSession, is_joint_run
 from miselbo.training.run import TrainingSession
 from miselbo.training.session import TrainResult, run_session
-from miselbo.training.stop import TrainingStopped
+from miselbo.training.stop import TrainingStopped, signal_name
 
 NVAE_MASTER_PORT = 6020
 FAILURE_GRACE_SECONDS = 20.0
@@ -148,17 +149,25 @@ def spawn_training(setups: list[DistributedSetup], run_args, device: torch.devic
     """Train in one spawned child per setup; rank 0's result, with every rank's parameter hash."""
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    processes = [context.Process(target=_spawned_worker, args=(setup, run_args, device, command, queue))
+    processes = [context.Process(target=_spawned_worker, args=(setup, run_args, device, command, queue, os.getpid()))
                  for setup in setups]
     for process in processes:
         process.start()
     with _parent_signals(processes):
         reports = _wait_for(processes, queue)
-    return _outcome(processes, reports, setups)
+    return _outcome(processes, reports, setups, command)
+
+
+def _lost_a_peer(err: RuntimeError) -> bool:
+    """True for the collective-communication error of a process whose peer died (gloo, NCCL)."""
+    text = str(err)
+    return isinstance(err, getattr(torch.distributed, "DistError", ())) or (
+        ("gloo" in text or "NCCL" in text) and ("peer" in text or "Connection" in text))
 
 
 def _spawned_worker(setup: DistributedSetup, run_args, device: torch.device, command: str,
-                    queue) -> None:
+                    queue, parent_pid: int) -> None:
+    follow_parent(parent_pid, signal.SIGTERM)  # a killed launcher leaves no rank training on
     code = 0
     try:
         queue.put(("result", setup.rank, _run_process(setup, run_args, device, command)))
@@ -170,6 +179,11 @@ def _spawned_worker(setup: DistributedSetup, run_args, device: torch.device, com
         code = stop.exit_code
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
+    except RuntimeError as err:
+        if not _lost_a_peer(err):
+            raise
+        queue.put(("lost_peer", setup.rank, str(err).splitlines()[0]))  # the launcher names the cause
+        code = 1
     sys.exit(code)
 
 
@@ -209,7 +223,16 @@ def _wait_for(processes, queue) -> list:
     return reports
 
 
-def _outcome(processes, reports: list, setups: list[DistributedSetup]) -> TrainResult:
+def _outcome(processes, reports: list, setups: list[DistributedSetup], command: str) -> TrainResult:
+    killed = {setup.rank: -process.exitcode for setup, process in zip(setups, processes)
+              if process.exitcode is not None and process.exitcode < 0}
+    if killed:
+        rank, number = min(killed.items())
+        raise TrainingStopped(
+            f"the training process of rank {rank} was killed by {signal_name(number)} (SIGKILL is "
+            f"often the kernel ending a process that ran out of memory); the other process(es) were "
+            f"stopped. The last checkpoint written (if any) is kept; resume from it with:\n  {command}",
+            128 + number)
     by_kind = {}
     for kind, rank, payload in sorted(reports, key=lambda report: report[1]):
         by_kind.setdefault(kind, {})[rank] = payload
