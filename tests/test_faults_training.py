@@ -89,3 +89,25 @@ def test_a_resumed_schedule_follows_a_new_learning_rate():
     assert lowered.optimizer.param_groups[0]["lr"] == pytest.approx(reference.optimizer.param_groups[0]["lr"])
     lowered.step(), reference.step()
     assert lowered.optimizer.param_groups[0]["lr"] == pytest.approx(reference.optimizer.param_groups[0]["lr"])
+
+
+def test_a_final_test_that_cannot_fit_is_refused_naming_the_largest_that_fits():
+    from miselbo.errors import UserError
+    from miselbo.training.options import require_test_fits
+    available = 8 * 10**9
+    with pytest.raises(UserError) as refused:
+        require_test_fits(10**11, 16, available=available)
+    message = str(refused.value)
+    assert message.startswith("--final_iw_samples 100000000000:")
+    largest = int(message.rsplit("fits is ", 1)[1].rstrip("."))
+    require_test_fits(largest, 16, available=available)  # the value it names fits
+    with pytest.raises(UserError):
+        require_test_fits(largest + 1, 16, available=available)
+
+
+def test_train_py_refuses_an_absurd_final_test_before_training(tmp_path):
+    process = run_train_script(run_args(tmp_path, "huge", "--final_iw_samples", "100000000000"))
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2, err
+    assert "train.py: error: --final_iw_samples 100000000000: the final test would hold" in err
+    assert "Traceback" not in err and not (tmp_path / "eval-huge").exists()

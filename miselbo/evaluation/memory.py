@@ -34,10 +34,7 @@ that fits, before the first batch is evaluated.
 """
 from __future__ import annotations
 
-import os
-import resource
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
@@ -45,6 +42,7 @@ from miselbo.ensemble.log_weights import default_chunk_size
 from miselbo.errors import UserError
 from miselbo.evaluation import report
 from miselbo.nvae.config import CHANNEL_MULT, ModelConfig, get_arch_cells
+from miselbo.runtime.available_memory import available_bytes
 
 FLOAT32, FLOAT64 = 4, 8
 # Share of the available memory one evaluation may plan to use: the rest is left for what the
@@ -55,9 +53,6 @@ MEMORY_FRACTION = 0.7
 # measured here: no GPU was at hand).
 ALLOCATOR_OVERHEAD = {"cpu": 2.0, "cuda": 1.25}
 FLOW_EXPANSION = 6  # the hidden width of a flow cell, as a multiple of the latent channels
-MEMINFO = Path("/proc/meminfo")
-CGROUP_V2 = Path("/sys/fs/cgroup")
-CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -231,65 +226,6 @@ def process_bytes(config: ModelConfig, plan: PassPlan, device: torch.device | st
     """peak_bytes as the process's memory grows by it on `device` (ALLOCATOR_OVERHEAD included)."""
     overhead = ALLOCATOR_OVERHEAD.get(torch.device(device).type, ALLOCATOR_OVERHEAD["cpu"])
     return int(overhead * peak_bytes(config, plan))
-
-
-# ----------------------------------------------------------------------------- what is available
-
-def _meminfo_available() -> int | None:
-    try:
-        for line in MEMINFO.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _cgroup_available() -> int | None:
-    """What this process's memory cgroup (v2, else v1) still allows, None without a limit."""
-    for limit_file, usage_file in ((CGROUP_V2 / "memory.max", CGROUP_V2 / "memory.current"),
-                                   (CGROUP_V1 / "memory.limit_in_bytes", CGROUP_V1 / "memory.usage_in_bytes")):
-        limit, usage = _read_int(limit_file), _read_int(usage_file)
-        if limit is not None and usage is not None and limit < 1 << 60:
-            return max(0, limit - usage)
-    return None
-
-
-def _address_space_available() -> int | None:
-    """What RLIMIT_AS (ulimit -v) still allows this process to map, None without a limit."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
-    if soft == resource.RLIM_INFINITY:
-        return None
-    try:
-        mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-    return max(0, soft - mapped)
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Memory this process can still use on `device` (None when it cannot be told): on CUDA the
-    device's free memory plus what torch's cache holds unused; on the CPU MemAvailable (else
-    os.sysconf), lowered to the memory cgroup's and RLIMIT_AS's remaining allowance."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    if device.type != "cpu":
-        return None
-    known = [value for value in (_meminfo_available(), _cgroup_available(), _address_space_available())
-             if value is not None]
-    return min(known) if known else None
 
 
 # ----------------------------------------------------------------------------- the refusal

@@ -36,6 +36,14 @@ class TestResult:
     num_samples: int
 
 
+def test_bytes_per_sample(batch_size: int, max_rows: int = DEFAULT_MAX_ROWS) -> float:
+    """Bytes the test routine holds per importance sample of one batch, whatever the model: the
+    float32 log-weights [K, B], kept per pass and then concatenated (twice), plus the pass plan's
+    entry (a Python int in a list) shared by the samples of one pass."""
+    per_pass = max(1, max_rows // max(batch_size, 1))
+    return 2 * 4 * batch_size + 64 / per_pass
+
+
 def samples_per_pass(batch_size: int, num_samples: int, max_rows: int) -> list[int]:
     """How many of the K draws each forward pass takes: K split into chunks of <= max_rows / B."""
     per_pass = max(1, min(num_samples, max_rows // max(batch_size, 1)))

@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from miselbo.storage.checkpoint_fields import architecture_problem
 from miselbo.errors import CheckpointError
 from miselbo.storage.checkpoints import fill_defaults, require_same_architecture
@@ -28,7 +30,11 @@ from miselbo.data.datasets import SUPPORTED_DATASETS, check_dataset_name, nvae_d
 from miselbo.nvae.config import ModelConfig, add_nvae_train_arguments
 from miselbo.training.precision import PRECISION_CHOICES
 from miselbo.runtime import flags
+from miselbo.runtime.available_memory import available_bytes
+from miselbo.training.evaluation import test_bytes_per_sample
 from miselbo.runtime.flags import MAX_SEED
+
+MEMORY_FRACTION = 0.7  # of the memory available, as for an evaluation batch
 
 PROG = "train.py"
 DEFAULT_FINAL_IW_SAMPLES = 1000
@@ -154,6 +160,23 @@ def _finite(args: argparse.Namespace, name: str, low: float, high: float = math.
     _require(ok, f"--{name} must be a finite number {bound}, got {value!r}.")
 
 
+def require_test_fits(num_samples: int, batch_size: int, available: int | None = None) -> None:
+    """Refuse a --final_iw_samples whose test would hold more than MEMORY_FRACTION of the memory
+    available (before training starts, so a typo cannot take the machine's memory first)."""
+    available = available_bytes(torch.device("cpu")) if available is None else available
+    if available is None:
+        return
+    per_sample = test_bytes_per_sample(batch_size)
+    budget = MEMORY_FRACTION * available
+    if num_samples * per_sample > budget:
+        largest = int(budget // per_sample)
+        raise UserError(f"--final_iw_samples {num_samples}: the final test would hold about "
+                        f"{num_samples * per_sample / 1e9:.1f} GB of log-weights per batch of "
+                        f"--batch_size {batch_size}, more than {MEMORY_FRACTION:.0%} of the "
+                        f"{available / 1e9:.1f} GB available; the largest --final_iw_samples that fits "
+                        f"is {largest}.")
+
+
 def validate_numbers(args: argparse.Namespace) -> None:
     """Refuse numeric flags no training run can use, naming the flag and the allowed range."""
     for name in ("epochs", "batch_size", "num_proc_node", "num_process_per_node", "final_iw_samples"):
@@ -166,6 +189,7 @@ def validate_numbers(args: argparse.Namespace) -> None:
              f"--node_rank must lie in 0 .. --num_proc_node - 1 = {args.num_proc_node - 1}, got "
              f"{args.node_rank}.")
     flags.seed("--seed", args.seed)
+    require_test_fits(args.final_iw_samples, args.batch_size)
     _require(1 <= args.num_x_bits <= 8, f"--num_x_bits must lie in 1 .. 8, got {args.num_x_bits}.")
     _finite(args, "learning_rate", 0.0, low_open=True)
     for name in ("learning_rate_min", "weight_decay", "weight_decay_norm", "weight_decay_norm_init"):
