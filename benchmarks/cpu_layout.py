@@ -34,6 +34,7 @@ from miselbo.runtime.cpu_layout import use_fast_cpu_layout  # noqa: E402
 from miselbo.evaluation.members import discover_demo_ensemble, load_members  # noqa: E402
 from miselbo.pipeline.presets import DEMO  # noqa: E402
 from miselbo.training.stop import StepGuard, StopRequests  # noqa: E402
+from miselbo.runtime import flags  # noqa: E402
 from train_speed import build_step_parts, real_batch, timed_step  # noqa: E402
 
 DEMO_FLAGS = ["--dataset", "mnist", *DEMO.architecture, *DEMO.schedule]
@@ -82,10 +83,10 @@ def training_step_medians(steps: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch_size", type=int, default=50)
-    parser.add_argument("--num_iw_samples", type=int, default=20)
+    parser.add_argument("--batch_size", type=flags.count_argument, default=50)
+    parser.add_argument("--num_iw_samples", type=flags.count_argument, default=20)
     parser.add_argument("--chunk_size", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=flags.count_argument, default=5)
     parser.add_argument("--train_steps", type=int, default=20, help="timed training steps of each kind (0: none)")
     options = parser.parse_args(argv)
     dataset = load_dataset("mnist5k", "", train=False)

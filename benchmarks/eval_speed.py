@@ -71,6 +71,7 @@ from miselbo.nvae.config import get_arch_cells  # noqa: E402
 from miselbo.nvae.distributions import Normal, reconstruction_loss  # noqa: E402
 from miselbo.nvae.model import AutoEncoder  # noqa: E402
 from miselbo.pipeline.presets import PAPER  # noqa: E402
+from miselbo.runtime import flags  # noqa: E402
 
 SEED = 0
 DEFAULT_TOLERANCE_NATS = 0.05  # float32 sums over 1,000s of terms differ by ~1e-3 nats in order
@@ -284,12 +285,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="S in {2, 5}, batch 4, L = 8")
     parser.add_argument("--sizes", nargs="+", type=int, default=None, help="ensemble sizes S")
-    parser.add_argument("--batch_size", type=int, default=None, help="examples per batch (16; quick: 4)")
-    parser.add_argument("--num_samples", type=int, default=8, help="L per member")
+    parser.add_argument("--batch_size", type=flags.count_argument, default=None, help="examples per batch (16; quick: 4)")
+    parser.add_argument("--num_samples", type=flags.count_argument, default=8, help="L per member")
     parser.add_argument("--chunk_size", type=int, default=None, help="samples per decoder pass (default by device)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=1,
+    parser.add_argument("--repeats", type=flags.count_argument, default=1,
                         help="timed runs of each of (a), (b), (c); the median of each is reported")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE_NATS,
                         help="largest |a - b| (log_p, log_q) and |c - b| (log_p) accepted, in nats")

@@ -23,6 +23,7 @@ from miselbo.runtime.cli import resolve_device  # noqa: E402
 from miselbo.nvae.config import get_arch_cells  # noqa: E402
 from miselbo.nvae.model import AutoEncoder  # noqa: E402
 from miselbo.pipeline.presets import PAPER  # noqa: E402
+from miselbo.runtime import flags  # noqa: E402
 
 
 def timed_forward(model: AutoEncoder, x: torch.Tensor) -> float:
@@ -37,8 +38,8 @@ def timed_forward(model: AutoEncoder, x: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch_size", type=flags.count_argument, default=16)
+    parser.add_argument("--repeats", type=flags.count_argument, default=7)
     parser.add_argument("--device", default="cpu")
     options = parser.parse_args()
     device = resolve_device(options.device)

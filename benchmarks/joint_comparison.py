@@ -39,6 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from miselbo.pipeline.presets import TINY  # noqa: E402
+from miselbo.runtime import flags  # noqa: E402
 
 NUM_ENCODERS = 3
 CONFIGURATIONS = {
@@ -143,12 +144,12 @@ def print_table(table: dict, options) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (not a measurement)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="base seeds (default 1 4)")
+    parser.add_argument("--seeds", type=flags.seed_argument, nargs="+", default=None, help="base seeds (default 1 4)")
     parser.add_argument("--out", default="runs/joint_comparison")
     parser.add_argument("--parent", default=None, help="parent run folder (default: the shipped demo's "
                         "p_and_q1; with --quick a tiny parent trained here)")
-    parser.add_argument("--num_iw_samples", type=int, default=None, help="L (default 20; --quick 2)")
-    parser.add_argument("--num_examples", type=int, default=None, help="test digits (default 1000; --quick 16)")
+    parser.add_argument("--num_iw_samples", type=flags.count_argument, default=None, help="L (default 20; --quick 2)")
+    parser.add_argument("--num_examples", type=flags.count_argument, default=None, help="test digits (default 1000; --quick 16)")
     parser.add_argument("--eval_chunk_size", type=int, default=None,
                         help="miselbo_eval.py --chunk_size (samples per example in one decoder pass; "
                              "larger passes are faster for the small demo model; changes only the draws)")

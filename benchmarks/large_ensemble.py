@@ -49,6 +49,7 @@ from miselbo.evaluation.examples import EvaluationExamples  # noqa: E402
 from miselbo.nvae.config import get_arch_cells  # noqa: E402
 from miselbo.nvae.model import AutoEncoder  # noqa: E402
 from miselbo.pipeline.presets import DEMO  # noqa: E402
+from miselbo.runtime import flags  # noqa: E402
 
 ACTIVE_COUNTS = (1, 4)
 SUBSET_SEED, DRAW_SEED = 1, 0
@@ -104,8 +105,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="S in {8, 32} only")
     parser.add_argument("--sizes", nargs="+", type=int, default=None, help="ensemble sizes S")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_samples", type=int, default=32, help="L per sampled member")
+    parser.add_argument("--batch_size", type=flags.count_argument, default=16)
+    parser.add_argument("--num_samples", type=flags.count_argument, default=32, help="L per sampled member")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     options = parser.parse_args(argv)

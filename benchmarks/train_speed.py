@@ -69,6 +69,7 @@ from miselbo.training.stop import StepGuard, StopRequests  # noqa: E402
 from miselbo.ensemble.shared_decoder import share_decoder  # noqa: E402
 from miselbo.training.joint_objective import JointSpec  # noqa: E402
 from miselbo.training.joint_step import Component, JointStep, joint_train_step  # noqa: E402
+from miselbo.runtime import flags  # noqa: E402
 
 # The paper recipe's architecture and schedule (the batch size of a step is --batch_size below).
 MNIST_PAPER_FLAGS = ["--dataset", "mnist", *PAPER.architecture, *PAPER.schedule]
@@ -425,9 +426,9 @@ def print_joint_result(options, device: torch.device) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
-    parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps of each kind")
+    parser.add_argument("--batch_size", type=flags.count_argument, default=16)
+    parser.add_argument("--steps", type=flags.count_argument, default=10, help="timed steps of each kind")
+    parser.add_argument("--warmup_steps", type=flags.count_argument, default=3, help="untimed steps of each kind")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default); 1 is robust on a shared machine")

@@ -59,3 +59,23 @@ def count(flag: str, value, as_json: bool = False) -> int:
 def optional_count(flag: str, value, as_json: bool = False) -> int | None:
     """None (not given), or a count."""
     return None if value is None else count(flag, value, as_json)
+
+
+def count_argument(text: str) -> int:
+    """argparse `type=` for a count flag of a script (the benchmarks): the same rule as `count`,
+    reported by argparse as `error: argument --flag: ...` with exit 2."""
+    return _argument(text, lambda value: count("the value", value))
+
+
+def seed_argument(text: str) -> int:
+    """argparse `type=` for a seed flag of a script: the same range as `seed`."""
+    return _argument(text, lambda value: seed("the value", value))
+
+
+def _argument(text: str, check) -> int:
+    import argparse
+    try:
+        return check(int(text))
+    except (ValueError, UserError) as err:
+        raise argparse.ArgumentTypeError(str(err) if isinstance(err, UserError) else
+                                         f"a whole number is needed, got {text!r}") from None
