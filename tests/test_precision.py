@@ -429,6 +429,21 @@ def test_train_result_and_checkpoint_record_the_precision(bf16_runs):
     assert "precision bf16 (autocast bfloat16" in (parent.save_dir / "log.txt").read_text()
 
 
+def test_the_epoch_and_final_tests_of_a_bf16_run_run_in_float32(tmp_path, monkeypatch):
+    from miselbo.training import session as session_module
+
+    real_evaluate, seen = session_module.evaluate_bounds, []
+
+    def evaluate(loader, model, num_samples, *args, **kwargs):
+        seen.append((num_samples, torch.is_autocast_enabled("cpu"), next(model.parameters()).dtype))
+        return real_evaluate(loader, model, num_samples, *args, **kwargs)
+
+    monkeypatch.setattr(session_module, "evaluate_bounds", evaluate)
+    result = training.train(run_args(tmp_path, "b", "--device", "cpu", "--precision", "bf16", "--epochs", "1"))
+    assert result.precision == "bf16"
+    assert seen == [(10, False, torch.float32), (4, False, torch.float32)]  # epoch test, final test
+
+
 def test_fp16_tiny_run_on_the_test_device(test_device, tmp_path):
     """On a GPU (MISELBO_TEST_DEVICE=cuda) this is NVAE's CUDA float16 step end to end."""
     _fp16(test_device)
