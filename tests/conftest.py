@@ -33,3 +33,16 @@ def test_device() -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         pytest.skip("MISELBO_TEST_DEVICE asks for CUDA but none is available")
     return torch.device(name)
+
+
+@pytest.fixture
+def pipe_path():
+    """A /dev/fd/N path of an anonymous pipe holding a few bytes, as the shell's
+    `<(cat checkpoint.pt)` passes it."""
+    if not os.path.isdir("/dev/fd"):
+        pytest.skip("no /dev/fd on this system")
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"not a checkpoint")
+    yield f"/dev/fd/{read_end}"
+    os.close(read_end)
+    os.close(write_end)

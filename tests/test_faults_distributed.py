@@ -4,10 +4,10 @@ import hashlib
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
+from process_helpers import spawned_children
 from test_train_common import run_args, run_train_script
 
 pytestmark = pytest.mark.slow
@@ -29,20 +29,6 @@ def test_a_diverging_two_process_run_stops_with_exit_3_and_keeps_the_good_checkp
     assert hashlib.sha256(checkpoint_path.read_bytes()).hexdigest() == before
 
 
-def _spawned_children(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        try:
-            status = (entry / "status").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, NotADirectoryError):
-            continue
-        ppid = next((line.split()[1] for line in status.splitlines() if line.startswith("PPid:")), "")
-        if ppid == str(pid) and b"spawn_main" in cmdline:
-            children.append(int(entry.name))
-    return sorted(children)
-
-
 def test_a_killed_rank_is_named_with_the_resume_command_and_no_traceback(tmp_path):
     """SIGKILL one of two spawned ranks: the launcher names it and prints the --cont_training command;
     the surviving rank's gloo error is no traceback."""
@@ -53,7 +39,7 @@ def test_a_killed_rank_is_named_with_the_resume_command_and_no_traceback(tmp_pat
         while not checkpoint.exists():
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
             time.sleep(0.1)
-        ranks = _spawned_children(process.pid)
+        ranks = spawned_children(process.pid)
         assert len(ranks) == 2
         os.kill(ranks[-1], signal.SIGKILL)
         _, err = process.communicate(timeout=120)

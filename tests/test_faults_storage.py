@@ -23,17 +23,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ----------------------------------------------------------------------------- a pipe as the checkpoint
 
-@pytest.fixture
-def pipe_path():
-    """A /dev/fd/N path of an anonymous pipe, as the shell's `<(cat checkpoint.pt)` passes it."""
-    if not os.path.isdir("/dev/fd"):
-        pytest.skip("no /dev/fd on this system")
-    read_end, write_end = os.pipe()
-    yield f"/dev/fd/{read_end}"
-    os.close(read_end)
-    os.close(write_end)
-
-
 def test_a_process_substitution_is_refused_as_a_pipe_not_as_a_missing_file(pipe_path):
     with pytest.raises(NotARegularFileError) as raised:
         regular_file(pipe_path)

@@ -10,24 +10,9 @@ from pathlib import Path
 import pytest
 
 from miselbo.runtime.parent_death import follow_parent
+from process_helpers import spawned_children
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
-        if int(parent) == pid and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -52,7 +37,7 @@ def test_evaluation_workers_end_when_the_evaluation_is_killed(tmp_path):
             assert process.poll() is None, "the evaluation ended before its workers could be seen"
             assert time.monotonic() < deadline, "no workers appeared"
             time.sleep(0.2)
-            workers = _children(process.pid)
+            workers = spawned_children(process.pid)
         time.sleep(1.0)
         process.kill()
         process.wait(timeout=30)
@@ -63,7 +48,7 @@ def test_evaluation_workers_end_when_the_evaluation_is_killed(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-        for pid in _children(process.pid):
+        for pid in spawned_children(process.pid):
             os.kill(pid, signal.SIGKILL)
 
 

@@ -1,19 +1,9 @@
 """--p_and_q1_path is judged as typed: a <(cat parent.pt) pipe gets the storage layer's pipe refusal."""
-import os
 
 import pytest
 
 from miselbo.storage.safe_io import NotARegularFileError
 from miselbo.training.new_encoder import parent_checkpoint_path
-
-
-@pytest.fixture
-def pipe_path():
-    read_end, write_end = os.pipe()
-    os.write(write_end, b"not a checkpoint")
-    yield f"/dev/fd/{read_end}"
-    os.close(read_end)
-    os.close(write_end)
 
 
 def test_a_dev_fd_pipe_is_refused_as_a_pipe_naming_the_flag(pipe_path):
