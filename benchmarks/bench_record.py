@@ -93,11 +93,13 @@ def result_path(name: str, results_dir: Path | None = None) -> Path:
 
 
 def save(name: str, result: dict, device: str | torch.device = "cpu", argv: list[str] | None = None,
-         results_dir: Path | None = None) -> Path:
-    """Print `RESULT {json}` and write the record to benchmarks/results/<name>.json (atomically:
-    a stopped benchmark leaves the previous file whole). Returns the path."""
+         results_dir: Path | None = None, stored_as: str | None = None) -> Path:
+    """Print `RESULT {json}` and write the record to benchmarks/results/<stored_as or name>.json
+    (atomically: a stopped benchmark leaves the previous file whole). `stored_as` keeps a second
+    kind of run of one script (such as train_speed.py --precision) in a file of its own. Returns
+    the path."""
     print("RESULT " + json.dumps(result, sort_keys=True), flush=True)
-    path = result_path(name, results_dir)
+    path = result_path(stored_as or name, results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(record(name, result, device, argv), indent=2, sort_keys=True) + "\n",
