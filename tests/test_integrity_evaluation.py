@@ -1,5 +1,7 @@
 """Evaluation with non-finite outputs stops with exit 3 naming the member's checkpoint (its weights
 are finite, so the file itself passes validation), and writes nothing."""
+import math
+
 import pytest
 import torch
 
@@ -49,12 +51,60 @@ def test_member_with_overflowing_outputs_is_named(members, tmp_path):
     assert not (out / "results.json").exists()
 
 
+def _independent_log_weights(path, images, draws_per_example):
+    """log w = log p(x | z) + log p(z) - log q(z | x) of the member in `path`, [N, draws], from
+    NVAE's forward tuple (logits, log_q, log_p, ...) and a Bernoulli likelihood written out here
+    (x l - softplus(l), summed over the central 28 x 28 pixels, as NVAE crops MNIST)."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    args = payload["args"]
+    model = AutoEncoder(args, None, get_arch_cells(args.arch_instance))
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    torch.manual_seed(11)
+    x = images.repeat_interleave(draws_per_example, dim=0)
+    with torch.no_grad():
+        logits, log_q, log_p, _, _ = model(x)
+    logits = logits.double()[..., 2:30, 2:30]
+    pixels = x.double()[..., 2:30, 2:30]
+    log_lik = (pixels * logits - torch.nn.functional.softplus(logits)).sum(dim=(1, 2, 3))
+    return (log_lik + log_p.double() - log_q.double()).view(len(images), draws_per_example)
+
+
 def test_healthy_members_evaluate_finitely(members):
+    """One healthy member given twice (L = 8): the reported numbers against (a) what must hold draw by
+    draw when both members are the same encoder (q_mix = q, so MISELBO = the members' average IWELBO
+    and JSD = 0) and (b) the member's expected ELBO and 8-sample IWELBO computed independently from
+    512 draws per example, within 5 standard errors of the difference."""
     good, _ = members
+    samples_per_member = 8
     settings = _settings([good, good])
+    settings.num_iw_samples = samples_per_member
     settings.allow_duplicate_members = True  # one healthy file twice, on purpose
-    results = evaluate(settings, images=_images())
-    assert results["S"] == 2
+    images = _images()
+    results = evaluate(settings, images=images)
+    assert results["S"] == 2 and results["L"] == samples_per_member and results["num_examples"] == len(images)
+    values = results["estimators"]
+    miselbo, avg_iwelbo, avg_elbo = (values[name]["mean"] for name in ("miselbo", "avg_iwelbo", "avg_elbo"))
+    assert all(math.isfinite(value) for value in (miselbo, avg_iwelbo, avg_elbo))
+    # (a) per draw, for two copies of one encoder
+    assert values["jsd"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert miselbo == pytest.approx(avg_iwelbo, rel=1e-6)
+    assert avg_iwelbo == pytest.approx(sum(results["iwelbo_per_member"]) / 2, rel=1e-9)
+    assert values["pooled"]["mean"] >= miselbo - 1e-9  # logsumexp over 2L draws >= mean of two L-draw ones
+    assert values["miselbo"]["nll_bpd"] == pytest.approx(-miselbo / (784 * math.log(2)), rel=1e-9)
+    # (b) against an independent Monte Carlo computation of the same expectations
+    draws = 512
+    log_w = _independent_log_weights(good, images, draws)  # [8, 512]
+    groups = log_w.view(len(images), draws // samples_per_member, samples_per_member)
+    iwelbos = torch.logsumexp(groups, dim=-1) - math.log(samples_per_member)  # [8, 64]
+    for reported, estimates, per_example in ((avg_elbo, log_w, 2 * samples_per_member), (avg_iwelbo, iwelbos, 2)):
+        # reported: the mean over 8 examples of `per_example` independent draws of the estimator each
+        variance = estimates.var(dim=1)  # per example, of one draw of the estimator
+        reported_se = math.sqrt(float((variance / per_example).sum())) / len(images)
+        independent_se = math.sqrt(float((variance / estimates.shape[1]).sum())) / len(images)
+        independent = float(estimates.mean())
+        tolerance = 5 * math.hypot(reported_se, independent_se)
+        assert abs(reported - independent) < tolerance, (reported, independent, tolerance)
 
 
 def test_cli_maps_the_failure_to_exit_3_without_traceback(monkeypatch, capsys, members):
