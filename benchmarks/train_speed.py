@@ -10,11 +10,24 @@ memory: on CUDA torch.cuda.max_memory_allocated during the steps (minus what was
 before them); on CPU the peak resident set size (VmHWM) of a fresh subprocess per kind of step,
 and its rise over the RSS measured just before the first step.
 
-The last line printed is `RESULT {json}` with both times, the memory figures and new_q/full.
-Before it, with --joint_encoders K (default 4), a joint step of K encoders (train.py
---num_new_encoders K; each --joint_objectives value, default independent and miselbo) is timed
-against one new-encoder step on the same batch, alternating, and `RESULT_JOINT {json}` gives the
-ratio joint / (K x new-encoder step) (target <= 0.80). The joint step's memory is not measured.
+Gate, before any time is printed: the new-encoder step must be the full step with the decoder
+frozen. (1) One real new-encoder step leaves every decoder tensor (parameters and buffers)
+bit-identical. (2) At the same weights (the new encoder's, the parent's decoder) and the same
+posterior draws, the new-encoder step's gradient of every encoder parameter equals the gradient
+the full step's computation gives it when every parameter is trained (decoder batch norm in
+eval mode, as a frozen decoder keeps it, and the regulariser over the encoder's layers, as the
+new-encoder step applies it: the full step batches the power iteration of layers of one shape
+across encoder and decoder, which changes the encoder's spectral term by design, not by a bug):
+|g_new - g_full| / |g_full| <= ENCODER_GRAD_REL_ERROR_MAX over all encoder parameters as one
+vector. Otherwise the benchmark says which check failed and exits 1 (bench_record.refuse).
+
+With --joint_encoders K (default 4), a joint step of K encoders (train.py --num_new_encoders K;
+each --joint_objectives value, default independent and miselbo) is timed against one
+new-encoder step on the same batch, alternating, and `RESULT_JOINT {json}` gives the ratio
+joint / (K x new-encoder step) (target <= 0.80). The joint step's memory is not measured.
+The last line printed is `RESULT {json}` with both times, the memory figures, new_q/full, the
+gate's figures and the joint figures under "joint"; it is stored in
+benchmarks/results/train_speed.json (bench_record.save).
 
 With --precision P1,P2,... (train.py's --precision values) the precisions are compared instead,
 float32 always the reference (added first when not listed), the models channels-last on the CPU
@@ -25,10 +38,10 @@ GRAD_REL_ERROR_MAX; otherwise the benchmark says which comparison failed and exi
 timing. Then full and new-encoder steps of every precision alternate (each from the same initial
 weights), and each (step kind, precision) gets its peak memory as above. `RESULT {json}` holds the
 median step times per precision, the ratios to float32 (keys such as ratio_full_bf16_over_fp32),
-the memory figures and the loss differences. On the CPU the CUDA part (float16 as NVAE trains) is
+the memory figures and the loss differences, stored in benchmarks/results/train_speed_precision.json.
+On the CPU the CUDA part (float16 as NVAE trains) is
 skipped with a line that says so; on a GPU the same command with --device cuda measures it. A
-precision the device cannot run is refused (exit 2). The joint comparison is skipped unless
---joint_encoders is given. --preset demo or tiny times another preset's model instead.
+precision the device cannot run is refused (exit 2). --precision runs no joint comparison. --preset demo or tiny times another preset's model instead.
 
     python benchmarks/train_speed.py [--batch_size 16] [--steps 10] [--warmup_steps 3] [--device auto]
                                      [--threads N] [--joint_encoders 4] [--joint_objectives independent,miselbo]
@@ -39,7 +52,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,6 +61,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_record  # noqa: E402
 
 from miselbo.errors import UserError  # noqa: E402
 from miselbo.runtime.cli import resolve_device  # noqa: E402
@@ -90,8 +105,15 @@ MODES = ("full", "new_q")
 LOSS_REL_TOL = 5e-3
 GRAD_COSINE_MIN = 0.999
 GRAD_REL_ERROR_MAX = 0.05
-GATE_FAILED = 1
+GATE_FAILED = bench_record.EXIT_DISAGREEMENT
 REFUSED = 2
+
+# The gate of the default comparison (see the module docstring): both gradients are float32 sums
+# of the same terms; only the order of a sum may differ between the two paths, which moves the
+# gradient by a few float32 roundings (relative 1e-7 each), far below this bound. A lost term,
+# a decoder left unfrozen in batch norm or other draws move it by far more.
+ENCODER_GRAD_REL_ERROR_MAX = 1e-5
+GATE_DRAW_SEED = 7
 
 
 def build_step_parts(mode: str, device: torch.device, parent: AutoEncoder | None = None, seed: int = 1,
@@ -267,6 +289,74 @@ def cuda_memory(options, device: torch.device, precision: Precision | None = Non
     return figures
 
 
+# ----------------------------------------------------------------------------- the new-encoder gate
+
+def step_gradients(parts: StepParts, model: AutoEncoder, layers: RegularisedLayers, x: torch.Tensor,
+                   draw_seed: int) -> dict[str, torch.Tensor]:
+    """{parameter name: gradient} of the step's float32 loss for `model` (left unchanged apart
+    from its .grad), the parts' schedule and alpha, posterior draws from `draw_seed`; only the
+    parameters that require a gradient appear."""
+    beta, lam = step_weights(parts.settings, STEP_INDEX, parts.num_total_iter)
+    torch.manual_seed(draw_seed)
+    nelbo_loss(model, x, beta, parts.alpha, lam, layers).loss.backward()
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()
+            if p.requires_grad and p.grad is not None}
+
+
+def full_step_reference(model: AutoEncoder) -> AutoEncoder:
+    """A copy of a new-encoder model whose decoder parameters are trained again (its decoder
+    modules stay in eval mode, as a frozen decoder keeps them)."""
+    reference = copy.deepcopy(model)
+    for parameter in reference.decoder_parameters():
+        parameter.requires_grad_(True)
+    return reference
+
+
+def check_encoder_gradients(new_q: dict, full: dict) -> float:
+    """Relative error of the new-encoder step's encoder gradient against the full step's, or
+    Disagreement (a decoder parameter trained, an encoder parameter missing, or above the bound)."""
+    trained_decoder = sorted(name for name in new_q if is_decoder_key(name))
+    if trained_decoder:
+        raise bench_record.Disagreement(f"the new-encoder step trains decoder parameters {trained_decoder[:3]}")
+    expected = sorted(name for name in full if not is_decoder_key(name))
+    if sorted(new_q) != expected:
+        raise bench_record.Disagreement("the new-encoder step trains other encoder parameters than the full step: "
+                                        f"{sorted(set(expected) ^ set(new_q))[:3]}")
+    error = sum(float((new_q[name] - full[name]).double().pow(2).sum()) for name in expected) ** 0.5
+    norm = sum(float(full[name].double().pow(2).sum()) for name in expected) ** 0.5
+    return bench_record.check_close("new-encoder step's encoder gradient against the full step's (relative "
+                                    "error of all encoder parameters as one vector)", error / max(norm, 1e-30),
+                                    0.0, ENCODER_GRAD_REL_ERROR_MAX)
+
+
+def check_decoder_untouched(parts: StepParts, x: torch.Tensor) -> int:
+    """One real new-encoder step; Disagreement naming the first decoder tensor it changed.
+    Returns how many decoder tensors were compared."""
+    before = {key: value.detach().clone() for key, value in parts.model.state_dict().items() if is_decoder_key(key)}
+    train_step(parts, x, STEP_INDEX, StepGuard(StopRequests(announce=False), parts.device))
+    after = parts.model.state_dict()
+    changed = [key for key, value in before.items()
+               if value.dtype != after[key].dtype or not torch.equal(value, after[key])]
+    if changed:
+        raise bench_record.Disagreement(f"a new-encoder step changed {len(changed)} decoder tensor(s), first "
+                                        f"{changed[0]}")
+    return len(before)
+
+
+def new_encoder_gate(parent: AutoEncoder, device: torch.device, x: torch.Tensor) -> dict:
+    """The gate of the module docstring on a fresh new-encoder model; Disagreement if it fails."""
+    parts, model = build_step_parts("new_q", device, parent=parent)
+    reference = full_step_reference(model)
+    own = step_gradients(parts, copy.deepcopy(model), RegularisedLayers.encoder_of(model), x, GATE_DRAW_SEED)
+    full = step_gradients(parts, reference, RegularisedLayers.encoder_of(reference), x, GATE_DRAW_SEED)
+    error = check_encoder_gradients(own, full)
+    compared = check_decoder_untouched(parts, x)
+    print(f"gate: the new-encoder step's encoder gradient equals the full step's (relative error {error:.1e}, "
+          f"bound {ENCODER_GRAD_REL_ERROR_MAX:g}); a step left all {compared} decoder tensors bit-identical")
+    return {"encoder_grad_rel_error": error, "encoder_grad_rel_error_max": ENCODER_GRAD_REL_ERROR_MAX,
+            "decoder_tensors_bit_identical": compared, "passed": True}
+
+
 # ----------------------------------------------------------------------------- --precision
 
 def loss_and_gradient(parts: StepParts, x: torch.Tensor, draw_seed: int) -> tuple[float, torch.Tensor]:
@@ -335,18 +425,6 @@ def median_precision_step_times(all_parts: dict, x: torch.Tensor, options, devic
             for name, by_mode in times.items()}
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cuda_line(device: torch.device) -> str:
     if device.type == "cuda":
         return f"CUDA part: measured on {torch.cuda.get_device_name(device)}"
@@ -389,7 +467,7 @@ def print_precision_result(options, device: torch.device) -> int:
                                   else cpu_memory(options, precision.name))
     times = median_precision_step_times(all_parts, x, options, device)
     result = {"device": str(device), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-              "cpu": cpu_model(), "preset": options.preset, "batch_size": options.batch_size,
+              "cpu": bench_record.cpu_model(), "preset": options.preset, "batch_size": options.batch_size,
               "layout": "channels_last" if device.type == "cpu" else "default",
               "timed_steps": options.steps, "warmup_steps": options.warmup_steps,
               "precisions": [p.name for p in precisions], "step_s": times, "memory": memory,
@@ -405,12 +483,13 @@ def print_precision_result(options, device: torch.device) -> int:
                 result[f"ratio_{mode}_{precision.name}_over_fp32"] = ratio
                 print(f"{mode} step: {precision.name} {times[precision.name][mode]:.4f} s, fp32 "
                       f"{times['fp32'][mode]:.4f} s, ratio {ratio:.3f}")
-    print("RESULT " + json.dumps(result))
+    bench_record.save("train_speed", result, device, argv=options.argv, stored_as="train_speed_precision")
     return 0
 
 
-def print_joint_result(options, device: torch.device) -> None:
-    """Joint step of K encoders vs K single new-encoder steps (target: ratio <= 0.8)."""
+def print_joint_result(options, device: torch.device) -> dict:
+    """Joint step of K encoders vs K single new-encoder steps (target: ratio <= 0.8); returns the
+    figures it prints as RESULT_JOINT."""
     times = median_joint_step_times(options, device)
     count = options.joint_encoders
     result = {"device": str(device), "torch_threads": torch.get_num_threads(), "batch_size": options.batch_size,
@@ -422,6 +501,30 @@ def print_joint_result(options, device: torch.device) -> None:
         print(f"joint step, {count} encoders, {objective}: {times[objective]:.4f} s; {count} new-encoder "
               f"steps {count * times['new_q']:.4f} s; ratio {ratio:.3f} (target <= 0.80)")
     print("RESULT_JOINT " + json.dumps(result))
+    return result
+
+
+def run_gate(options, device: torch.device) -> dict:
+    """new_encoder_gate on the preset's model at --batch_size; ends the benchmark (exit 1) if it fails."""
+    parent = build_step_parts("full", torch.device("cpu"))[1]
+    try:
+        return new_encoder_gate(parent, device, real_batch(options.batch_size, device))
+    except bench_record.Disagreement as error:
+        bench_record.refuse("train_speed.py", error)
+
+
+def full_and_new_q_result(options, device: torch.device) -> dict:
+    """The default comparison's figures (memory, median step times, their ratio), printed."""
+    memory = cuda_memory(options, device) if device.type == "cuda" else cpu_memory(options)
+    times = median_step_times(options, device)
+    result = {"device": str(device), "torch_threads": torch.get_num_threads(), "cpu": bench_record.cpu_model(),
+              "preset": options.preset, "batch_size": options.batch_size,
+              "timed_steps": options.steps, "warmup_steps": options.warmup_steps,
+              "full_step_s": times["full"], "new_q_step_s": times["new_q"],
+              "ratio_new_q_over_full": times["new_q"] / times["full"], "memory": memory}
+    print(f"full step {times['full']:.4f} s, new-encoder step {times['new_q']:.4f} s, "
+          f"ratio {result['ratio_new_q_over_full']:.3f}")
+    return result
 
 
 def main(argv=None) -> None:
@@ -447,6 +550,7 @@ def main(argv=None) -> None:
     parser.add_argument("--memory_of", choices=MODES, help=argparse.SUPPRESS)  # internal
     parser.add_argument("--memory_precision", default=None, help=argparse.SUPPRESS)  # internal
     options = parser.parse_args(argv)
+    options.argv = sys.argv[1:] if argv is None else list(argv)
     global step_flags
     step_flags = ["--dataset", "mnist", *PRESETS[options.preset].architecture, *PRESETS[options.preset].schedule]
     if options.threads > 0:
@@ -458,23 +562,82 @@ def main(argv=None) -> None:
     device = resolve_device(options.device)
     if options.joint_encoders is None:
         options.joint_encoders = 0 if options.precision else 4
-    if options.joint_encoders > 0:
-        print_joint_result(options, device)
-    if options.joint_only:
-        return 0
     if options.precision:
         return print_precision_result(options, device)
-    memory = cuda_memory(options, device) if device.type == "cuda" else cpu_memory(options)
-    times = median_step_times(options, device)
-    result = {"device": str(device), "torch_threads": torch.get_num_threads(),
-              "cpu": platform.processor() or platform.machine(), "batch_size": options.batch_size,
-              "timed_steps": options.steps, "warmup_steps": options.warmup_steps,
-              "full_step_s": times["full"], "new_q_step_s": times["new_q"],
-              "ratio_new_q_over_full": times["new_q"] / times["full"], "memory": memory}
-    print(f"full step {times['full']:.4f} s, new-encoder step {times['new_q']:.4f} s, "
-          f"ratio {result['ratio_new_q_over_full']:.3f}")
-    print("RESULT " + json.dumps(result))
+    result = {"preset": options.preset, "gate": run_gate(options, device)}
+    if options.joint_encoders > 0:
+        result["joint"] = print_joint_result(options, device)
+    if not options.joint_only:
+        result.update(full_and_new_q_result(options, device))
+    bench_record.save("train_speed", result, device, argv=options.argv)
     return 0
+
+
+# ----------------------------------------------------------------------------- docs/benchmarks.md
+
+def _memory_cells(memory: dict) -> tuple[str, str]:
+    """(peak, rise over the level before the steps) in MiB, whichever meter measured them."""
+    peak = memory.get("peak_rss_mib", memory.get("peak_allocated_mib"))
+    rise = memory.get("rise_over_rss_before_steps_mib", memory.get("rise_over_allocated_before_steps_mib"))
+    return f"{peak:.0f}", f"{rise:.0f}"
+
+
+def _default_markdown(result: dict) -> list[str]:
+    lines = []
+    gate = result.get("gate")
+    if gate:
+        lines.append(f"Gate passed: new-encoder encoder gradient against the full step's, relative error "
+                     f"{gate['encoder_grad_rel_error']:.1e} (bound {gate['encoder_grad_rel_error_max']:g}); "
+                     f"{gate['decoder_tensors_bit_identical']} decoder tensors bit-identical after a step.")
+    if "full_step_s" in result:
+        lines += ["", f"Preset `{result.get('preset', 'paper')}`, batch {result['batch_size']}, median of "
+                  f"{result['timed_steps']} timed steps after {result['warmup_steps']} warm-up steps, alternating.", "",
+                  "| step | median s | peak MiB | rise over before-steps MiB |", "|---|---|---|---|"]
+        for mode, label in (("full", "full"), ("new_q", "new encoder (`--train_new_q`)")):
+            peak, rise = _memory_cells(result["memory"][mode])
+            lines.append(f"| {label} | {result[f'{mode}_step_s']:.3f} | {peak} | {rise} |")
+        lines += ["", f"**new-encoder / full: {result['ratio_new_q_over_full']:.3f}** (target <= 0.80)."]
+    joint = result.get("joint")
+    if joint:
+        count = joint["num_encoders"]
+        lines += ["", f"Joint step of {count} encoders against {count} new-encoder steps "
+                  f"({count} x {joint['new_q_step_s']:.3f} s), batch {joint['batch_size']}:", "",
+                  f"| objective | joint step s | joint / ({count} x new-encoder step) |", "|---|---|---|"]
+        for key in sorted(joint):
+            if key.startswith("joint_") and key.endswith("_step_s"):
+                objective = key[len("joint_"):-len("_step_s")]
+                ratio = joint[f"ratio_joint_{objective}_over_{count}_new_q"]
+                lines.append(f"| `{objective}` | {joint[key]:.3f} | {ratio:.3f} (target <= 0.80) |")
+    return lines
+
+
+def _precision_markdown(result: dict) -> list[str]:
+    lines = [f"Preset `{result['preset']}`, batch {result['batch_size']}, layout {result['layout']}, median of "
+             f"{result['timed_steps']} timed steps after {result['warmup_steps']}. {result['cuda']}.", "",
+             "| precision | full s | full / fp32 | new-encoder s | new-encoder / fp32 | peak MiB full / new-encoder |",
+             "|---|---|---|---|---|---|"]
+    for name in result["precisions"]:
+        ratios = [f"{result[f'ratio_{mode}_{name}_over_fp32']:.3f}" if name != "fp32" else "1"
+                  for mode in MODES]
+        peaks = " / ".join(_memory_cells(result["memory"][name][mode])[0] for mode in MODES)
+        lines.append(f"| {name} | {result['step_s'][name]['full']:.3f} | {ratios[0]} | "
+                     f"{result['step_s'][name]['new_q']:.3f} | {ratios[1]} | {peaks} |")
+    gate = result["gate"]
+    lines += ["", f"Gate passed (loss within {gate['loss_rel_tol']:g} relative, gradient cosine >= "
+              f"{gate['grad_cosine_min']:g}, gradient relative error <= {gate['grad_rel_error_max']:g}):"]
+    for name, by_mode in result["loss_vs_fp32"].items():
+        for mode, figures in by_mode.items():
+            lines.append(f"{name} {mode} step: loss {figures['loss']:.4f} against {figures['loss_fp32']:.4f} "
+                         f"(relative {figures['loss_rel_diff']:.1e}), cosine {figures['grad_cosine']:.6f}, "
+                         f"relative error {figures['grad_rel_error']:.1e}.")
+    return lines
+
+
+def render_markdown(record: dict) -> str:
+    """The stored result's table for docs/benchmarks.md (benchmarks/report.py adds the header)."""
+    result = record["result"]
+    lines = _precision_markdown(result) if "precisions" in result else _default_markdown(result)
+    return "\n".join(lines).strip() + "\n"
 
 
 if __name__ == "__main__":
