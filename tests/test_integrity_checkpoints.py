@@ -28,13 +28,27 @@ TINY = dict(dataset="mnist", num_channels_enc=4, num_channels_dec=4, num_latent_
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A real tiny NVAE checkpoint with its sidecar, and the model it holds."""
+def tiny_saved(tmp_path_factory):
+    """A real tiny NVAE checkpoint with its sidecar, and copies of the tensors and args it was
+    written from (taken before saving, so a test can compare what the loader hands back)."""
     args = default_nvae_args(**TINY)
     torch.manual_seed(0)
     model = AutoEncoder(args, None, get_arch_cells(args.arch_instance))
+    written = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    written_args = dict(vars(args))
     path = save_nvae_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt", model, args)
-    return path
+    return path, written, written_args
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_saved):
+    return tiny_saved[0]
+
+
+def _assert_same_tensors(loaded: dict, written: dict) -> None:
+    assert sorted(loaded) == sorted(written)
+    for name, tensor in written.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name].cpu(), tensor), name
 
 
 def _flip_a_byte_in_the_middle(path):
@@ -69,11 +83,14 @@ def test_symlink_to_a_byte_flipped_checkpoint_is_refused(tiny_checkpoint, tmp_pa
         read_checkpoint(linked_folder)
 
 
-def test_symlink_to_an_intact_checkpoint_loads_and_verifies(tiny_checkpoint, tmp_path):
+def test_symlink_to_an_intact_checkpoint_loads_and_verifies(tiny_saved, tmp_path):
+    path, written, written_args = tiny_saved
     link = tmp_path / "link.pt"
-    link.symlink_to(tiny_checkpoint)
+    link.symlink_to(path)
     assert verify_sha256(link) is True
-    assert read_checkpoint(link)["args"].num_channels_enc == 4
+    checkpoint = read_checkpoint(link)
+    _assert_same_tensors(checkpoint["state_dict"], written)
+    assert vars(checkpoint["args"]) == written_args
 
 
 def test_a_wrong_sidecar_beside_the_link_is_also_checked(tiny_checkpoint, tmp_path):
@@ -215,9 +232,12 @@ def test_damaged_but_valid_pickle_is_refused_naming_field(tiny_checkpoint, tmp_p
     assert found in message or re.search(found, message), message
 
 
-def test_intact_checkpoint_passes_validation(tiny_checkpoint):
-    model, args, _ = load_nvae_checkpoint(tiny_checkpoint)
-    assert args.num_channels_enc == 4
+def test_intact_checkpoint_passes_validation(tiny_saved):
+    """The loader's model holds exactly the tensors the file was written from, under the same args."""
+    path, written, written_args = tiny_saved
+    model, args, _ = load_nvae_checkpoint(path)
+    _assert_same_tensors(model.state_dict(), written)
+    assert vars(args) == written_args
 
 
 def test_huge_architecture_is_refused_before_allocation(tiny_checkpoint, tmp_path, monkeypatch):
