@@ -331,9 +331,29 @@ def test_manifest_values_are_checked_like_flags_naming_file_and_field(manifest_f
 
 
 def test_a_good_manifest_value_is_used_and_a_typed_flag_wins(manifest_folder):
-    manifest_folder({"num_iw_samples": 3})
-    assert settings_from_args(build_parser().parse_args([])).num_iw_samples == 3
-    assert settings_from_args(build_parser().parse_args(["--num_iw_samples", "5"])).num_iw_samples == 5
+    manifest_folder({"num_iw_samples": 3, "batch_size": 7, "chunk_size": 2})
+    plain = settings_from_args(build_parser().parse_args([]))
+    assert (plain.num_iw_samples, plain.batch_size, plain.chunk_size) == (3, 7, 2)
+    typed = settings_from_args(build_parser().parse_args(["--num_iw_samples", "5", "--batch_size", "4",
+                                                          "--chunk_size", "1"]))
+    assert (typed.num_iw_samples, typed.batch_size, typed.chunk_size) == (5, 4, 1)
+
+
+def test_one_ensemble_folder_given_alone_takes_its_manifest_values(manifest_folder, members_dir):
+    manifest = manifest_folder({"num_iw_samples": 3, "batch_size": 7})
+    alone = settings_from_args(build_parser().parse_args(["--checkpoints", str(manifest.parent)]))
+    assert (alone.num_iw_samples, alone.batch_size) == (3, 7)
+    # with another member beside it, the folder's values no longer describe the ensemble
+    mixed = settings_from_args(build_parser().parse_args(
+        ["--checkpoints", str(manifest.parent), str(members_dir / "q2"), "--allow_duplicate_members"]))
+    assert (mixed.num_iw_samples, mixed.batch_size) == (eval_settings.DEFAULT_NUM_IW_SAMPLES, None)
+
+
+@pytest.mark.parametrize("field", ["batch_size", "chunk_size"])
+def test_manifest_batch_and_chunk_sizes_are_checked_like_flags(manifest_folder, capsys, field):
+    manifest = manifest_folder({field: 0})
+    status, _, err = _cli(["--num_examples", "2"], capsys)
+    _refused(status, err, f"{manifest}: eval_defaults.{field} must be a whole number >= 1, got 0.")
 
 
 def test_unknown_manifest_defaults_are_refused(manifest_folder, capsys):
@@ -343,4 +363,4 @@ def test_unknown_manifest_defaults_are_refused(manifest_folder, capsys):
 
 
 def test_the_shipped_manifest_passes():
-    assert eval_settings.read_eval_defaults(DEMO) == {"num_iw_samples": 20}
+    assert eval_settings.read_eval_defaults(DEMO) == {"num_iw_samples": 20, "batch_size": 50, "chunk_size": 20}

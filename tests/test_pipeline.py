@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import miselbo
+
 from miselbo.runtime import distributed
 from miselbo.pipeline import run as pipeline
 from miselbo.pipeline import stage_record
@@ -18,15 +20,13 @@ from miselbo.storage.checkpoints import read_checkpoint
 from miselbo.errors import UserError
 from miselbo.evaluation.evaluate import main as evaluate_main
 from miselbo.nvae.config import NVAE_TRAIN_FLAGS
-from miselbo.pipeline.presets import DEMO, PAPER
+from miselbo.pipeline.presets import PAPER
 from miselbo.training.options import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY_RUN = ["--preset", "tiny", "--num_train_examples", "64", "--num_test_examples", "16",
             "--num_eval_examples", "8", "--num_iw_samples", "3", "--device", "cpu"]
-# the demo preset's epochs for q2..qS (its flags for the new encoders only)
-DEMO_NEW_ENCODER_EPOCHS = int(DEMO.new_encoder_schedule[DEMO.new_encoder_schedule.index("--epochs") + 1])
 RESULT_KEYS = {"S", "L", "num_examples", "dataset", "seed", "device", "wall_seconds", "checkpoints",
                "estimators", "iwelbo_per_member", "delta"}
 
@@ -47,7 +47,16 @@ def test_main_job_trains_three_members_evaluates_and_exports(tmp_path, capsys):
         assert (out / "results" / name).stat().st_size > 0
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["checkpoints"] == ["p_and_q1/checkpoint.pt", "q2/checkpoint.pt", "q3/checkpoint.pt"]
-    assert manifest["eval_defaults"] == {"num_iw_samples": 3}
+    assert manifest["eval_defaults"] == {"num_iw_samples": 3, "batch_size": results["batch_size"],
+                                         "chunk_size": results["chunk_size"]}
+    assert manifest["preset"] == "tiny" and manifest["package"]["version"] == miselbo.__version__
+    recorded = stage_record.read_record(out)
+    for stage in ("p_and_q1", "q2", "q3"):  # every stage's exact flags, the --out folder shown as <out>
+        shown = manifest["stages"][stage]["train.py"]
+        assert shown == [t.replace(str(out), "<out>") for t in recorded[stage]["train.py"]]
+        assert str(out) not in " ".join(shown) and "<out>" in shown
+    readme = (export / "README.md").read_text()
+    assert f"{estimators['miselbo']['mean']:.4f}" in readme and "python train.py" in readme
     assert manifest["seeds"] == [1, 2, 3] and manifest["dataset"] == "mnist5k"
     assert [m["role"] for m in manifest["members"]] == ["p_and_q", "q", "q"]
     assert len({m["decoder_fingerprint"] for m in manifest["members"]}) == 1
@@ -116,14 +125,16 @@ def test_unknown_flags_go_to_every_training_stage_after_the_preset(tmp_path):
     assert second[second.index("--seed") + 1] == "2"
 
 
-def test_demo_new_encoders_get_their_own_schedule_and_a_given_flag_overrides_it(tmp_path):
+def test_demo_trains_every_encoder_alike_and_a_given_flag_overrides_the_preset(tmp_path):
     demo = pipeline.parse_settings(["--out", str(tmp_path)])
-    first = build_parser().parse_args(pipeline.training_argv(demo, "p_and_q1", 1))
-    second = build_parser().parse_args(pipeline.training_argv(demo, "q2", 2))
-    assert (first.epochs, second.epochs) == (8, DEMO_NEW_ENCODER_EPOCHS)
-    assert (first.final_iw_samples, second.final_iw_samples) == (1, 1)
-    given = pipeline.parse_settings(["--out", str(tmp_path), "--epochs", "8"])  # NVAE's flag, given
-    assert build_parser().parse_args(pipeline.training_argv(given, "q3", 3)).epochs == 8
+    first = vars(build_parser().parse_args(pipeline.training_argv(demo, "p_and_q1", 1)))
+    second = vars(build_parser().parse_args(pipeline.training_argv(demo, "q2", 2)))
+    assert (first["epochs"], second["epochs"]) == (8, 8)
+    own = {"save", "seed", "train_new_q", "p_and_q1_path"}  # a new encoder's identity
+    assert {name for name in first if first[name] != second[name]} == own
+    given = pipeline.parse_settings(["--out", str(tmp_path), "--epochs", "5"])  # NVAE's flag, given
+    for stage, seed in (("p_and_q1", 1), ("q3", 3)):
+        assert build_parser().parse_args(pipeline.training_argv(given, stage, seed)).epochs == 5
 
 
 def test_evaluation_processes_and_the_matched_baseline_follow_the_flags_and_the_preset(tmp_path, monkeypatch):

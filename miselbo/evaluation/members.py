@@ -63,8 +63,10 @@ def read_manifest(folder: Path) -> list[Path]:
     return [folder / item for item in listed]
 
 
-# The manifest's eval_defaults a plain miselbo_eval.py takes, each checked like its flag.
-EVAL_DEFAULT_CHECKS = {"num_iw_samples": flags.count}
+# The manifest's eval_defaults a plain miselbo_eval.py takes, each checked like its flag: L, and
+# how the examples and samples were grouped when the ensemble's table was made (batch and chunk
+# size decide which random draws each example gets, so they reproduce that table).
+EVAL_DEFAULT_CHECKS = {"num_iw_samples": flags.count, "batch_size": flags.count, "chunk_size": flags.count}
 
 
 def read_eval_defaults(folder: Path) -> dict:
@@ -109,13 +111,23 @@ def discover_demo_ensemble(models_dir: Path = DEMO_MODELS_DIR) -> list[Path]:
     return read_manifest(discover_demo_folder(models_dir))
 
 
+def is_ensemble_folder(path: Path) -> bool:
+    """An ensemble folder: a manifest.json and no checkpoint.pt of its own."""
+    return path.is_dir() and (path / MANIFEST_FILE_NAME).is_file() and not (path / CHECKPOINT_FILE_NAME).is_file()
+
+
+def defaults_folder(given: Sequence[str | Path]) -> Path | None:
+    """The ensemble folder whose eval_defaults apply: the one folder given alone, else None."""
+    if len(given) == 1 and is_ensemble_folder(Path(given[0])):
+        return Path(given[0])
+    return None
+
+
 def expand_checkpoint_paths(paths: Sequence[str | Path]) -> list[Path]:
     """Each path as given, except ensemble folders (manifest.json, no checkpoint.pt): their list."""
     expanded = []
     for path in map(Path, paths):
-        is_ensemble = path.is_dir() and (path / MANIFEST_FILE_NAME).is_file() \
-            and not (path / CHECKPOINT_FILE_NAME).is_file()
-        expanded += read_manifest(path) if is_ensemble else [path]
+        expanded += read_manifest(path) if is_ensemble_folder(path) else [path]
     return expanded
 
 

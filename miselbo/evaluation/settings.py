@@ -10,8 +10,8 @@ from pathlib import Path
 from miselbo.data.datasets import check_dataset_name
 from miselbo.errors import UserError
 from miselbo.evaluation import report
-from miselbo.evaluation.members import (discover_demo_folder, expand_checkpoint_paths, read_eval_defaults,
-                                        read_manifest, refuse_repeated_files)
+from miselbo.evaluation.members import (defaults_folder, discover_demo_folder, expand_checkpoint_paths,
+                                        read_eval_defaults, read_manifest, refuse_repeated_files)
 from miselbo.runtime import flags
 
 PROG = "miselbo_eval.py"
@@ -128,10 +128,14 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         raise UserError("--checkpoints was given without any path; the checkpoint list is empty.")
     demo_folder = None if given else discover_demo_folder()
     paths = expand_checkpoint_paths(given) if given else read_manifest(demo_folder)
-    defaults = read_eval_defaults(demo_folder) if demo_folder else {}
+    # the manifest's settings apply to a plain run and to one ensemble folder given alone
+    manifest_folder = defaults_folder(given) if given else demo_folder
+    defaults = read_eval_defaults(manifest_folder) if manifest_folder else {}
     num_iw_samples = args.num_iw_samples
     if num_iw_samples is None:  # read_eval_defaults checked the manifest's value, naming the file
         num_iw_samples = defaults.get("num_iw_samples", DEFAULT_NUM_IW_SAMPLES)
+    batch_size = args.batch_size if args.batch_size is not None else defaults.get("batch_size")
+    chunk_size = args.chunk_size if args.chunk_size is not None else defaults.get("chunk_size")
     if args.only_miselbo and args.only_iwelbo:
         raise UserError("--only_miselbo and --only_iwelbo exclude each other.")
     estimators = tuple(args.estimators) if args.estimators else report.DEFAULT_ESTIMATORS
@@ -143,7 +147,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     return EvalSettings(
         checkpoints=[str(path) for path in paths], num_iw_samples=num_iw_samples, dataset=args.dataset,
         data=args.data, eval_on_train=args.eval_on_train, num_examples=args.num_examples,
-        batch_size=args.batch_size, chunk_size=args.chunk_size, estimators=tuple(dict.fromkeys(estimators)),
+        batch_size=batch_size, chunk_size=chunk_size, estimators=tuple(dict.fromkeys(estimators)),
         subset_size=args.subset_size, matched_baseline=args.matched_baseline,
         max_flow_residual=args.max_flow_residual, seed=args.seed,
         device=args.device, save=args.save,

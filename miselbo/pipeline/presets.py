@@ -12,8 +12,8 @@ stages, and any flag typed after it overrides it.
   res_dist, no flows, --weight_decay_norm 1e-2, batch 200 per GPU on 2 GPUs, 400 epochs,
   --fast_adamax. Built, it has 33,363,134 parameters (tests/test_presets.py).
 - `demo`: the small configuration the shipped ensemble in models/mnist5k_demo was trained with
-  (p_and_q1 8 epochs on mnist5k; q2..qS NEW_ENCODER_EPOCHS epochs
-  each against the frozen decoder); its per-epoch tests use 50 fixed test digits instead of all
+  (p_and_q1 8 epochs on mnist5k, then every new encoder q2..qS the same 8 epochs and schedule
+  against the frozen decoder, as the paper trains its encoders); its per-epoch tests use 50 fixed test digits instead of all
   1,000, which leaves the trained weights unchanged, the final test of every stage uses one
   importance sample (the pipeline's evaluation gives every member's IWELBO right after), and the
   pipeline evaluates it with 20 samples per decoder pass (changes only which draws are used) and
@@ -43,18 +43,14 @@ class Preset:
     # samples per example in one decoder pass at the pipeline's evaluation (miselbo_eval.py
     # --chunk_size); None: miselbo_eval.py's default for the device
     eval_chunk_size: int | None = None
-    # train.py flags that only the new-encoder stages q2..qS get, after `schedule` (a flag the user
-    # gives the pipeline still overrides them, for every stage)
-    new_encoder_schedule: tuple[str, ...] = ()
     # whether the pipeline's evaluation adds the compute-matched baseline (miselbo_eval.py
     # --matched_baseline); the pipeline's --matched_baseline / --no-matched_baseline decide instead
     eval_matched_baseline: bool = True
 
-    def flags(self, new_encoder: bool = False) -> list[str]:
-        """architecture + schedule (+ new_encoder_schedule for q2..qS) + launch: everything a
-        training stage gets from the preset."""
-        extra = self.new_encoder_schedule if new_encoder else ()
-        return [*self.architecture, *self.schedule, *extra, *self.launch]
+    def flags(self) -> list[str]:
+        """architecture + schedule + launch: everything a training stage gets from the preset (the
+        same for p_and_q1 and every new encoder)."""
+        return [*self.architecture, *self.schedule, *self.launch]
 
     def nvae_args(self, dataset: str = "mnist") -> argparse.Namespace:
         """NVAE's train.py namespace (NVAE's defaults) with this architecture for `dataset`."""
@@ -67,9 +63,6 @@ class Preset:
         """The architecture flags, shell-quoted, as one line."""
         return shlex.join(self.architecture)
 
-
-# the demo's epochs for the new encoders q2..qS (p_and_q1 trains 8)
-NEW_ENCODER_EPOCHS = 4
 
 PAPER = Preset(
     name="paper", dataset="mnist", num_iw_samples=1000,
@@ -96,9 +89,6 @@ DEMO = Preset(
               # the test after each epoch on 50 of the 1,000 test digits; the weights stay
               # bit-identical to NVAE's full per-epoch test (tests/test_main_job.py)
               "--epoch_test_examples", "50"),
-    # q2..qS train for NEW_ENCODER_EPOCHS epochs against the frozen decoder instead of 8 (the table
-    # this gives is in docs/benchmarks.md)
-    new_encoder_schedule=("--epochs", str(NEW_ENCODER_EPOCHS)),
     # all 20 samples of the 50 examples of a batch in one pass: 1,000 rows suit this 8-channel model
     # on CPU better than the default 32 rows tuned for the paper's 32 channels (benchmarks/main_job.py)
     eval_chunk_size=20,

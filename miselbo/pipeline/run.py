@@ -84,7 +84,7 @@ def training_argv(settings: PipelineSettings, stage: str, seed: int) -> list[str
     """train.py's command line for one stage (without --cont_training)."""
     argv = ["--root", str(settings.out), "--save", stage, "--seed", str(seed),
             "--dataset", settings.dataset, "--device", settings.device, *settings.data_flags()]
-    argv += get_preset(settings.preset).flags(new_encoder=stage != "p_and_q1") + list(settings.train_flags)
+    argv += get_preset(settings.preset).flags() + list(settings.train_flags)
     if stage != "p_and_q1":
         argv += ["--train_new_q", "--p_and_q1_path", str(settings.checkpoint("p_and_q1").parent)]
     if stage == JOINT_STAGE:
@@ -406,7 +406,7 @@ def _run_stages(settings: PipelineSettings) -> int:
         bar.update()
     if status == 0 and settings.export is not None:
         began = time.perf_counter()
-        status = export_stoppable(settings)
+        status = export_stoppable(settings, evaluation_argv(settings))
         times.append(("export", {"total": time.perf_counter() - began}))
     _report_times(settings, times, time.perf_counter() - started)
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s; results in "
