@@ -336,9 +336,21 @@ def test_pre_process_rejects_bit_counts_outside_1_to_8(num_bits):
 
 # ----------------------------------------------------------------------------- validation
 
-def test_a_good_batch_passes_validation():
-    check_batch_for_dataset(torch.randint(0, 2, (3, 1, 32, 32)).float(), "mnist5k")
-    check_batch_for_dataset(torch.rand(3, 3, 32, 32), "cifar10")
+@pytest.mark.parametrize("dataset, good, nudged", [
+    # binary MNIST: 0 and 1 pass; one pixel moved off {0, 1} by 2^-10 is refused
+    ("mnist5k", torch.tensor([0.0, 1.0]).repeat(3, 1, 32, 16), 1.0 - 2.0 ** -10),
+    # CIFAR-10: the closed interval [0, 1] passes; one pixel 2^-10 above 1 is refused
+    ("cifar10", torch.linspace(0, 1, 3 * 3 * 32 * 32).view(3, 3, 32, 32), 1.0 + 2.0 ** -10),
+])
+def test_a_good_batch_passes_validation_and_one_pixel_beyond_its_range_does_not(dataset, good, nudged):
+    kept = good.clone()
+    assert check_batch_for_dataset(good, dataset) is None  # passes: no exception, nothing returned
+    assert torch.equal(good, kept)  # and the batch is not changed
+    assert float(good.min()) == 0.0 and float(good.max()) == 1.0  # both ends of the range were present
+    bad = good.clone()
+    bad[1, 0, 5, 7] = nudged
+    with pytest.raises(DataError):
+        check_batch_for_dataset(bad, dataset)
 
 
 @pytest.mark.parametrize("batch, fragment", [
