@@ -6,7 +6,6 @@ the golden tests at the end load the reference checkpoints into miselbo.nvae.mod
 import argparse
 import errno
 import hashlib
-import importlib.util
 import io
 import logging
 import os
@@ -502,16 +501,8 @@ def test_require_same_architecture_names_the_flags():
 # ----------------------------------------------------------------------------- the real model
 
 
-@pytest.fixture
-def nvae_available():
-    if importlib.util.find_spec("miselbo.nvae.model") is None or \
-            importlib.util.find_spec("miselbo.nvae.config") is None:
-        pytest.skip("miselbo.nvae.model / config are not written yet; golden checkpoints were only "
-                    "read (test_golden_checkpoints_need_the_allow_list_and_read_safely_with_it)")
-
-
 @pytest.mark.parametrize("name", list(GOLDEN_CASES))
-def test_golden_checkpoint_loads_strictly_into_the_autoencoder(name, nvae_available):
+def test_golden_checkpoint_loads_strictly_into_the_autoencoder(name):
     path = golden_case_dir(name) / "checkpoint.pt"
     model, args, checkpoint = load_nvae_checkpoint(path)
     assert not model.training
@@ -523,7 +514,7 @@ def test_golden_checkpoint_loads_strictly_into_the_autoencoder(name, nvae_availa
 
 
 @pytest.mark.parametrize("name", list(GOLDEN_CASES))
-def test_golden_model_save_load_round_trip(name, nvae_available, tmp_path):
+def test_golden_model_save_load_round_trip(name, tmp_path):
     model, args, checkpoint = load_nvae_checkpoint(golden_case_dir(name) / "checkpoint.pt")
     written = save_nvae_checkpoint(tmp_path, model, args, epoch=checkpoint["epoch"],
                                    global_step=checkpoint["global_step"])
@@ -537,7 +528,7 @@ def test_golden_model_save_load_round_trip(name, nvae_available, tmp_path):
     assert checkpoint_decoder_fingerprint(again_checkpoint, again) == model.decoder_fingerprint()
 
 
-def test_golden_checkpoint_without_weight_normalized_aliases_loads(nvae_available, tmp_path, caplog):
+def test_golden_checkpoint_without_weight_normalized_aliases_loads(tmp_path, caplog):
     """Older NVAE checkpoints lack the rule-W aliases; they are filled from `.weight` and listed."""
     checkpoint = read_checkpoint(golden_case_dir("mnist_small") / "checkpoint.pt")
     original = dict(checkpoint["state_dict"])
