@@ -1,6 +1,7 @@
 """Shared test fixtures: where the golden vectors live and which device to test on.
 
-Set MISELBO_TEST_DEVICE=cuda to re-run the device-aware tests on a GPU.
+Set MISELBO_TEST_DEVICE=cuda to re-run the device-aware tests on a GPU; where CUDA is absent that
+setting stops the run with a usage error (exit 4) instead of skipping those tests.
 The golden vectors (outputs of the public NVAE implementation, see tests/golden/README.md) live in
 tests/golden; set MISELBO_GOLDEN_DIR to read them from another folder instead.
 """
@@ -27,12 +28,29 @@ def golden_case_dir(name: str) -> Path:
     return folder
 
 
-@pytest.fixture
-def test_device() -> torch.device:
+def _cuda_requested_but_absent() -> str | None:
+    """The message for MISELBO_TEST_DEVICE=cuda[...] on a machine without CUDA, else None."""
     name = os.environ.get("MISELBO_TEST_DEVICE", "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        pytest.skip("MISELBO_TEST_DEVICE asks for CUDA but none is available")
-    return torch.device(name)
+        return (f"MISELBO_TEST_DEVICE={name} asks for CUDA, but torch.cuda.is_available() is False "
+                f"on this machine: unset MISELBO_TEST_DEVICE (or set it to cpu) to test on the CPU")
+    return None
+
+
+def pytest_configure(config):
+    """Requesting CUDA where there is none stops the whole run before collection (exit 4), so a
+    GPU run cannot pass by skipping the device tests."""
+    message = _cuda_requested_but_absent()
+    if message is not None:
+        raise pytest.UsageError(message)
+
+
+@pytest.fixture
+def test_device() -> torch.device:
+    message = _cuda_requested_but_absent()
+    if message is not None:  # only if pytest_configure was bypassed
+        pytest.fail(message)
+    return torch.device(os.environ.get("MISELBO_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture
