@@ -1,7 +1,10 @@
 """Inside a clone of NVAE: plain torch.load after `import train`, NVAE's data sets through the clone's
 own datasets.py (a stand-in written here, with NVAE's function names and return shapes, not NVAE's
-code), the refusal outside a clone, and no empty run folder after a refused or failed run."""
+code), the refusal outside a clone, NVAE's test routine against our evaluator (on identical draws, to
+float rounding; and on other draws, within Monte Carlo noise), and no empty run folder after a refused
+or failed run."""
 import json
+import math
 import os
 import pickle
 import shutil
@@ -345,6 +348,109 @@ def _follow_nvae_evaluate_steps(folder, checkpoint_path, num_samples) -> float:
     *checks, neg_log_p = done.stdout.split()
     assert checks == ["0", "0", "True", "True"]
     return float(neg_log_p)
+
+
+# NVAE's test routine (train.test, what its evaluate.py calls) in a fresh interpreter in the clone, with
+# the model from model.py loaded as evaluate.py loads it, once per image: at the draws in latents.pt
+# (model.forward answered at those z) and at fresh draws of its own. Prints JSON.
+GIVEN_DRAWS_STEPS = textwrap.dedent("""
+    import json, torch
+    import train
+    from model import AutoEncoder
+    from miselbo.nvae.config import get_arch_cells
+    checkpoint = torch.load(PATH, map_location="cpu")
+    args = checkpoint["args"]
+    model = AutoEncoder(args, None, get_arch_cells(args.arch_instance))
+    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
+    model.eval()
+    images = torch.load("x.pt")
+    latents = torch.load("latents.pt")  # per group [B, L, *latent_shape]
+    held = {"latents": None, "used": 0}
+    plain_forward = model.forward
+
+    def forward_at_held_draws(x, z=None):
+        if held["latents"] is None:
+            return plain_forward(x)
+        batch = held["latents"][0].shape[0]
+        count = x.shape[0] // batch  # train.test stacks the draws: row k * batch + b is draw k of image b
+        start = held["used"]
+        held["used"] += count
+        z = [g[:, start:start + count].transpose(0, 1).reshape(count * batch, *g.shape[2:])
+             for g in held["latents"]]
+        return plain_forward(x, z=z)
+
+    model.forward = forward_at_held_draws
+
+    def neg_log_p(index, draws):
+        held.update(latents=draws, used=0)
+        value, _ = train.test([(images[index:index + 1], None)], model, num_samples=NUM_SAMPLES, args=args,
+                              logging=None)
+        return float(value)
+
+    given = [neg_log_p(b, [g[b:b + 1] for g in latents]) for b in range(len(images))]
+    torch.manual_seed(1)
+    fresh = [neg_log_p(b, None) for b in range(len(images))]
+    print(json.dumps(dict(missing=len(missing), unexpected=len(unexpected), given=given, fresh=fresh)))
+""")
+
+
+def test_nvae_test_routine_and_our_evaluator_agree_to_rounding_on_identical_draws(tmp_path, monkeypatch):
+    """The Monte Carlo comparison above cannot see an offset below ~3 standard errors; this one can.
+    miselbo_eval's evaluate() (S = 1: MISELBO is the member's IWELBO) runs on 4 images of the NVAE-written
+    golden checkpoint; its draws are replayed with Ensemble.log_weights (same generator state and chunk,
+    recorded) and handed to NVAE's test routine in a clone. Per image the two −log p then differ by
+    float rounding only (1e-5 relative); at fresh draws they differ by Monte Carlo noise, far more."""
+    from conftest import golden_case_dir
+    from miselbo.ensemble.log_weights import Ensemble
+    from miselbo.evaluation.evaluate import EvalSettings, evaluate
+    from miselbo.storage.checkpoints import load_nvae_checkpoint
+    checkpoint = golden_case_dir("mnist_small") / "checkpoint.pt"
+    folder = write_clone(tmp_path / "NVAE", with_scripts=True)
+    images = (torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(5)) < 0.3).float()
+    images[..., :2, :] = images[..., -2:, :] = 0  # NVAE's MNIST: 28 x 28 digits padded with zeros
+    images[..., :2] = images[..., -2:] = 0
+    samples = 20
+
+    calls = []
+    reduced_weights = Ensemble.reduced_weights
+
+    def recording(self, x, num_samples, generator=None, chunk_size=None, **kwargs):
+        calls.append((x.clone(), num_samples, generator.get_state(), chunk_size))
+        return reduced_weights(self, x, num_samples, generator, chunk_size, **kwargs)
+
+    monkeypatch.setattr(Ensemble, "reduced_weights", recording)
+    settings = EvalSettings(checkpoints=[str(checkpoint)], num_iw_samples=samples, batch_size=len(images),
+                            show_progress=False, seed=3, device="cpu")  # the clone's routine runs on the CPU too
+    results = evaluate(settings, images=images)
+    monkeypatch.undo()
+    ours_mean = results["estimators"]["miselbo"]["mean"]
+    assert len(calls) == 1 and calls[0][1] == samples and torch.equal(calls[0][0], images)
+
+    # replay evaluate()'s draws (same generator state, same chunk) and keep them
+    x, _, state, chunk_size = calls[0]
+    model, _, _ = load_nvae_checkpoint(checkpoint)
+    replay = torch.Generator().set_state(state)
+    weights = Ensemble([model]).log_weights(x, samples, generator=replay, chunk_size=chunk_size, record_latents=True)
+    log_w = weights.log_p[:, 0] - weights.log_q[:, 0, :, 0]  # [B, L]
+    ours = torch.logsumexp(log_w, dim=1) - math.log(samples)  # [B], each image's IWELBO
+    assert float(ours.mean()) == pytest.approx(ours_mean, rel=1e-6)  # the replay is evaluate()'s draws
+    torch.save(x, folder / "x.pt")
+    torch.save([g[:, 0].contiguous() for g in weights.latents_pre], folder / "latents.pt")
+
+    code = f"PATH = {str(checkpoint)!r}\nNUM_SAMPLES = {samples}\n" + GIVEN_DRAWS_STEPS
+    path = os.pathsep.join([str(folder), str(REPO_ROOT)])  # the clone first; miselbo even if not installed
+    done = subprocess.run([sys.executable, "-c", code], cwd=folder, env=dict(quiet_env(), PYTHONPATH=path),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    nvae = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (nvae["missing"], nvae["unexpected"]) == (0, 0)
+    nvae_given = -torch.tensor(nvae["given"], dtype=torch.float64)
+    nvae_fresh = -torch.tensor(nvae["fresh"], dtype=torch.float64)
+    tolerance = 1e-5 * ours.abs()  # float32 rounding; measured about 1e-7 relative
+    assert torch.all((nvae_given - ours).abs() <= tolerance), (nvae_given - ours, tolerance)
+    assert abs(float(nvae_given.mean()) - ours_mean) <= 1e-5 * abs(ours_mean)
+    # the control: other draws of the same estimator move at least one image by far more than the tolerance
+    assert float(((nvae_fresh - ours).abs() / tolerance).max()) > 10, (nvae_fresh - ours, tolerance)
 
 
 @pytest.mark.slow
