@@ -20,8 +20,10 @@ Per objective (loss = mean over the batch, then as below):
 Each plus lambda * sum_k (R_sn,k + R_bn,k) over every component's encoder layers.
 
 Why this form: log p(x, z_k) - log q_mix(z_k) = [log p(x, z_k) - log q_k(z_k)] + [log q_k(z_k) -
-log q_mix(z_k)], so at beta = 1 (warm-up over, balancing off) the miselbo loss is minus the sum over
-k of the one-sample MISELBO terms, with component k's own ELBO taken in NVAE's analytic-KL form.
+log q_mix(z_k)], so at beta = 1 (warm-up over, balancing off) the miselbo loss is, in expectation
+over the draws z_k, minus the sum over k of the one-sample MISELBO terms. Not draw by draw: component
+k's own ELBO enters in NVAE's analytic-KL form, so per draw the two differ by sum_k D_k with
+D_k = sum_g KL_g(q_k || p) - [log q_k(z_k|x) - log p(z_k)] (each KL_g at the drawn z_<g), E[D_k] = 0.
 The mixture density does not factor over latent groups, so the cooperative term cannot be balanced
 per group; it is scaled by beta like the KL it extends (during warm-up the whole entropy side of
 the bound is down-weighted together). log q_k - log q_mix <= log M, so the term is bounded above.
