@@ -328,8 +328,9 @@ def some_to_some(log_p, log_q, members: Members, generator: torch.Generator | No
     log_q_mix_A[s, l] = logsumexp_{j in A} log_q[s, l, j] - log |A| (the mixture of the subset only).
     It is the MISELBO of the sub-ensemble A: a lower bound on log p(x) in expectation, cheaper than
     S2A. At L = 1 it is looser than miselbo in expectation over the draws and A (the entropy is
-    concave); at larger L it can be tighter (tests/test_claims.py). A = all members gives miselbo; |A| = 1 gives that
-    member's IWELBO.
+    concave), not for every draw nor for every A (a subset of the best members can lie above it);
+    at larger L it can be tighter (tests/test_claims.py). A = all members gives miselbo; |A| = 1
+    gives that member's IWELBO.
 
     ``members``: as in some_to_all. Cost: samples and densities are needed only from members in A;
     rows s not in A and columns j not in A of log_q are never read nor validated (fill with anything).
