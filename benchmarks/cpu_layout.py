@@ -9,7 +9,8 @@ Training (`--train_steps N`, default 20; 0 skips it): the demo preset's model (t
 --preset picks another) in both layouts, built from the same seed, takes N real training steps
 (miselbo.training.loop.train_step) of each kind, a full step (decoder and encoder) and a
 new-encoder step (frozen decoder), on the same batch of --train_batch_size (32) digits,
-alternating the layouts after a warm-up of 3 steps; prints the medians and their ratios.
+alternating the layouts after --train_warmup_steps (3) untimed steps; prints the medians and
+their ratios.
 
 Gate, before any time is printed: both layouts compute the same values up to float rounding.
 Evaluation: the largest difference between the two layouts' per-example MISELBO values at the
@@ -21,7 +22,8 @@ GRAD_REL_ERROR_MAX (relative). Otherwise the benchmark says which and exits 1.
 The last line is `RESULT {json}`, stored in benchmarks/results/cpu_layout.json.
 
     python benchmarks/cpu_layout.py [--batch_size 50] [--num_iw_samples 20] [--chunk_size 20] [--repeats 5]
-                                    [--train_steps 20] [--train_batch_size 32] [--preset demo]
+                                    [--train_steps 20] [--train_warmup_steps 3] [--train_batch_size 32]
+                                    [--preset demo]
 """
 from __future__ import annotations
 
@@ -49,7 +51,6 @@ from miselbo.runtime import flags  # noqa: E402
 from train_speed import (build_step_parts, gradient_relative_error, real_batch,  # noqa: E402
                          step_loss_and_gradients, timed_step)
 
-TRAIN_WARMUP_STEPS = 3
 KINDS = ("full", "new_q")
 LAYOUTS = ("default", "channels_last")
 # The gate's bounds. Channels-last convolutions sum the same products in another order: float32
@@ -115,14 +116,14 @@ def training_agreement(runs: dict, x: torch.Tensor) -> dict:
     return figures
 
 
-def training_step_medians(runs: dict, x: torch.Tensor, steps: int) -> dict:
+def training_step_medians(runs: dict, x: torch.Tensor, steps: int, warmup_steps: int) -> dict:
     """Median seconds of full and new-encoder steps in both layouts, alternating."""
     guard = StepGuard(StopRequests(announce=False), torch.device("cpu"))
     seconds = {name: [] for name in runs}
-    for index in range(TRAIN_WARMUP_STEPS + steps):
+    for index in range(warmup_steps + steps):
         for name, parts in runs.items():
             spent = timed_step(parts, x, guard)
-            if index >= TRAIN_WARMUP_STEPS:
+            if index >= warmup_steps:
                 seconds[name].append(spent)
     medians = {name: statistics.median(times) for name, times in seconds.items()}
     ratios = {kind: medians[f"{kind}_channels_last"] / medians[f"{kind}_default"] for kind in KINDS}
@@ -159,7 +160,7 @@ def training_result(options) -> dict:
     runs = training_runs(options.preset)
     x = real_batch(options.train_batch_size, torch.device("cpu"))  # [B, 1, 32, 32]
     agreement = training_agreement(runs, x)
-    result = training_step_medians(runs, x, options.train_steps)
+    result = training_step_medians(runs, x, options.train_steps, options.train_warmup_steps)
     result.update(agreement=agreement, loss_rel_tol=LOSS_REL_TOL, grad_rel_error_max=GRAD_REL_ERROR_MAX,
                   preset=options.preset, batch_size=options.train_batch_size)
     return result
@@ -186,6 +187,7 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk_size", type=int, default=20)
     parser.add_argument("--repeats", type=flags.count_argument, default=5)
     parser.add_argument("--train_steps", type=int, default=20, help="timed training steps of each kind (0: none)")
+    parser.add_argument("--train_warmup_steps", type=int, default=3, help="untimed training steps of each kind")
     parser.add_argument("--train_batch_size", type=flags.count_argument, default=32)
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="the trained model's preset")
     options = parser.parse_args(argv)
@@ -221,7 +223,7 @@ def render_markdown(record: dict) -> str:
                      f"error {agreement['grad_rel_error']:.1e} (bound {training['grad_rel_error_max']:g}) |")
     if training:
         lines += ["", f"Training times: median of {result['train_steps']} steps of each kind after "
-                  f"{TRAIN_WARMUP_STEPS} warm-up steps."]
+                  f"{result['train_warmup_steps']} warm-up steps."]
     return "\n".join(lines) + "\n"
 
 

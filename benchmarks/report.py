@@ -49,6 +49,7 @@ BLOCKS = {
     "cpu_layout": Block("cpu_layout.py", "python benchmarks/cpu_layout.py"),
     "main_job": Block("main_job.py", "python benchmarks/main_job.py"),
     "joint_comparison": Block("joint_comparison.py", "python benchmarks/joint_comparison.py"),
+    "joint_comparison_quick": Block("joint_comparison.py", "python benchmarks/joint_comparison.py --quick"),
 }
 
 
