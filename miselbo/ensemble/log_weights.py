@@ -59,8 +59,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from miselbo.storage.checkpoints import architecture_differences
-from miselbo.nvae.distributions import Normal, reconstruction_loss
+from miselbo.nvae.distributions import Normal, normal_parameters_, reconstruction_loss, summed_log_density
 from miselbo.nvae.model import AutoEncoder, EncoderFeatures
+from miselbo.ensemble.sections import section
 from miselbo.ensemble.shared_decoder import uses_shared_decoder
 
 __all__ = ["Ensemble", "EnsembleLogWeights", "ReducedLogWeights", "default_chunk_size", "DEFAULT_PASS_ROWS",
@@ -135,6 +136,12 @@ class _BatchContext:
         bases = [None if base is None else base[:, rows] for base in self.head_bases]
         return _BatchContext(self.x[rows], features, top_raw, Normal(*torch.chunk(top_raw, 2, dim=3)),
                              bases, None, None)
+
+
+class _Posteriors(NamedTuple):
+    """The posterior Normals of one group for the scored members: mu, sigma [n or 1, B, S or C, L, h, w]."""
+    mu: torch.Tensor
+    sigma: torch.Tensor
 
 
 class _PassState:
@@ -239,6 +246,11 @@ class Ensemble:
     # ------------------------------------------------------------------------- per batch
 
     def _batch_context(self, x: torch.Tensor, num_samples: int, latents, record_latents: bool) -> _BatchContext:
+        with section("encoder", units=self.num_members):
+            return self._encode_batch(x, num_samples, latents, record_latents)
+
+    def _encode_batch(self, x: torch.Tensor, num_samples: int, latents, record_latents: bool) -> _BatchContext:
+        """The S bottom-up passes and the x-only part of every member's posterior heads."""
         features = [member.encode_bottom_up(x) for member in self.members]
         top = torch.stack([member.enc_sampler[0](feat.top) for member, feat in zip(self.members, features)],
                           dim=1)  # [B, S, 2L, h, w]
@@ -257,27 +269,33 @@ class Ensemble:
     # ------------------------------------------------------------------------- per group
 
     def _posterior_all(self, ctx: _BatchContext, group: int, state: torch.Tensor, prior, count: int,
-                       columns: list | None = None) -> Normal:
+                       columns: list | None = None) -> _Posteriors:
         """The posteriors of group g of every member (or of `columns` only, C of them) on the decoder
-        state [N, C_dec, h, w]; parameters [count, B, S or C, L, h, w] ([1, B, ...] for g = 0)."""
+        state [N, C_dec, h, w]; parameters [count, B, S or C, L, h, w] ([1, B, ...] for g = 0).
+
+        One stacked convolution for all scored members; its output buffer is then turned into the
+        Normal parameters in place (the x-only base, the prior under res_dist, the soft clamp and
+        sigma's exp), the same operations as Normal(mu_raw, log_sigma_raw) without the temporaries."""
         if group == 0:
+            top = ctx.top_posterior
             if columns is None:
-                return ctx.top_posterior
-            return Normal(*torch.chunk(ctx.top_raw[:, :, columns], 2, dim=3))
+                return _Posteriors(top.mu, top.sigma)
+            return _Posteriors(top.mu[:, :, columns], top.sigma[:, :, columns])
         weight, padding, dilation = self._head_weights[group]
         base = ctx.head_bases[group]  # [1, B, S, 2L, h, w]
         if columns is not None:
             weight = weight.view(self.num_members, -1, *weight.shape[1:])[columns].flatten(0, 1)
             base = base[:, :, columns]
-        per_sample = F.conv2d(state, weight, None, 1, padding, dilation)  # [N, C 2L, h, w]
-        enc_param = base + per_sample.view(count, -1, *base.shape[2:])
-        mu_raw, log_sigma_raw = torch.chunk(enc_param, 2, dim=3)  # [n, B, S, L, h, w]
+        per_sample = F.conv2d(state, weight, None, 1, padding, dilation)  # [N, C 2L, h, w], a fresh buffer
+        enc_param = per_sample.view(count, -1, *base.shape[2:]).add_(base)  # [n, B, C, 2L, h, w]
         if self.decoder.res_dist:
-            mu_raw = mu_raw + prior.mu_raw.view(count, -1, 1, *prior.mu_raw.shape[1:])
-            log_sigma_raw = log_sigma_raw + prior.log_sigma_raw.view(count, -1, 1, *prior.mu_raw.shape[1:])
-        return Normal(mu_raw, log_sigma_raw)
+            mu_raw, log_sigma_raw = torch.chunk(enc_param, 2, dim=3)  # views, [n, B, C, L, h, w]
+            prior_shape = (count, -1, 1, *prior.mu_raw.shape[1:])
+            mu_raw.add_(prior.mu_raw.view(prior_shape))
+            log_sigma_raw.add_(prior.log_sigma_raw.view(prior_shape))
+        return _Posteriors(*normal_parameters_(enc_param, dim=3))
 
-    def _source_draw(self, ctx, posterior: Normal, group: int, source: int, own: int, start: int, count: int,
+    def _source_draw(self, ctx, posterior: _Posteriors, group: int, source: int, own: int, start: int, count: int,
                      generator) -> torch.Tensor:
         """The source's pre-flow z of this pass, [count, B, L, h, w]: given, or eps * sigma + mu."""
         batch = ctx.x.shape[0]
@@ -301,6 +319,12 @@ class Ensemble:
         flows the post-flow z itself (broadcast); with flows f_j^-1(z*) for j != s and the own draw."""
         if not self.with_flows:
             return z_post.unsqueeze(2)
+        with section("flow_inversions", units=z_post.shape[0] * (len(columns or range(self.num_members)) - 1)):
+            return self._inverted_points(group, source, z_pre, z_post, pass_state, columns)
+
+    def _inverted_points(self, group: int, source: int, z_pre: torch.Tensor, z_post: torch.Tensor,
+                         pass_state: _PassState, columns: list | None) -> torch.Tensor:
+        """[n, B, S or C, L, h, w]: f_j^-1(z*) of every scored member j, the own pre-flow draw for s."""
         rows_shape = z_post.shape
         flat_post = z_post.reshape(-1, *rows_shape[2:])
         points = []
@@ -324,29 +348,37 @@ class Ensemble:
         pass_state = _PassState(count, batch, self.num_members if columns is None else len(columns), ctx.x.device)
         own = source if columns is None else columns.index(source)
 
+        scored = pass_state.log_q.shape[2]
+
         def choose_z(group: int, state: torch.Tensor, prior) -> torch.Tensor:
-            posterior = self._posterior_all(ctx, group, state, prior, count, columns)
-            z_pre = self._source_draw(ctx, posterior, group, source, own, start, count, generator)  # [n, B, L, h, w]
+            with section("heads", units=count * scored):
+                posterior = self._posterior_all(ctx, group, state, prior, count, columns)
+                z_pre = self._source_draw(ctx, posterior, group, source, own, start, count, generator)  # [n, B, L, h, w]
             flat_pre = z_pre.reshape(count * batch, *z_pre.shape[2:])
             if self.with_flows:
-                context = self._flow_context(ctx, group, source, state, count)
-                flat_post, _ = self.members[source].apply_flows(group, flat_pre, context)
+                with section("flows", units=count):
+                    context = self._flow_context(ctx, group, source, state, count)
+                    flat_post, _ = self.members[source].apply_flows(group, flat_pre, context)
             else:
                 flat_post = flat_pre
             z_post = flat_post.view(z_pre.shape)
             points = self._points_per_member(group, source, z_pre, z_post, pass_state, columns)
-            pass_state.log_q += posterior.log_p(points).sum(dim=(3, 4, 5)).double()  # [n, B, S]
-            prior_density = Normal(prior.mu_raw, prior.log_sigma_raw).log_p(flat_post)
-            pass_state.log_prior += prior_density.sum(dim=(1, 2, 3)).double()  # [N]
+            with section("heads"):
+                log_q = summed_log_density(posterior.mu, posterior.sigma, points, (3, 4, 5))  # [n, B, S]
+                pass_state.log_q += log_q.double()
+            with section("decoder"):
+                prior_density = Normal(prior.mu_raw, prior.log_sigma_raw).log_p(flat_post)
+                pass_state.log_prior += prior_density.sum(dim=(1, 2, 3)).double()  # [N]
             if ctx.record is not None:
                 ctx.record[0][group][:, source, start:start + count] = z_pre.transpose(0, 1)
                 ctx.record[1][group][:, source, start:start + count] = z_post.transpose(0, 1)
             return flat_post
 
-        logits = self.decoder.top_down(count * batch, choose_z)
-        output = self.decoder.decoder_output(logits)
-        log_likelihood = -reconstruction_loss(output, _repeat_rows(ctx.x, count), self.decoder.crop_output)
-        log_p = (log_likelihood.double() + pass_state.log_prior).view(count, batch)
+        with section("decoder", units=count):
+            logits = self.decoder.top_down(count * batch, choose_z)
+            output = self.decoder.decoder_output(logits)
+            log_likelihood = -reconstruction_loss(output, _repeat_rows(ctx.x, count), self.decoder.crop_output)
+            log_p = (log_likelihood.double() + pass_state.log_prior).view(count, batch)
         return log_p.transpose(0, 1), pass_state.log_q.transpose(0, 1), pass_state
 
     @torch.no_grad()
@@ -376,9 +408,10 @@ class Ensemble:
             for start in range(0, num_samples, chunk):
                 count = min(chunk, num_samples - start)
                 part_p, part_q, pass_state = self._source_pass(ctx, source, start, count, generator)
-                log_p[:, source, start:start + count] = part_p
-                log_q[:, source, start:start + count] = part_q
-                _merge_residual(worst, pass_state)
+                with section("reductions"):
+                    log_p[:, source, start:start + count] = part_p
+                    log_q[:, source, start:start + count] = part_q
+                    _merge_residual(worst, pass_state)
         recorded = ctx.record if ctx.record is not None else (None, None)
         return EnsembleLogWeights(log_p, log_q, worst.max_residual, *recorded,
                                   flow_residual_at=worst.residual_at if self.with_flows else None)
@@ -421,8 +454,9 @@ class Ensemble:
             for start in range(0, num_samples, chunk):
                 count = min(chunk, num_samples - start)
                 part_p, part_q, pass_state = self._source_pass(source_ctx, source, start, count, generator)
-                _reduce_part(reduced, source, rows, slice(start, start + count), part_p, part_q)
-                _merge_residual(worst, pass_state)
+                with section("reductions"):
+                    _reduce_part(reduced, source, rows, slice(start, start + count), part_p, part_q)
+                    _merge_residual(worst, pass_state)
         if extra_own_samples:
             reduced.log_w_own_extra = self._own_log_weights(ctx, extra_own_samples, chunk_size, generator, worst)
         reduced.max_flow_residual = worst.max_residual
@@ -439,8 +473,9 @@ class Ensemble:
             for start in range(0, num_samples, chunk):
                 count = min(chunk, num_samples - start)
                 part_p, part_q, pass_state = self._source_pass(ctx, source, start, count, generator, [source])
-                out[:, source, start:start + count] = part_p - part_q[..., 0]  # [B, count]
-                _merge_residual(worst, pass_state)
+                with section("reductions"):
+                    out[:, source, start:start + count] = part_p - part_q[..., 0]  # [B, count]
+                    _merge_residual(worst, pass_state)
         return out
 
     def _check_active(self, active, batch: int, extra_own_samples: int):

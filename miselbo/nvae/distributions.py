@@ -25,6 +25,30 @@ def soft_clamp(x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(x / 5.0) * 5.0
 
 
+def soft_clamp_(x: torch.Tensor) -> torch.Tensor:
+    """soft_clamp in place: the same operations in the same order, so the same float values."""
+    return x.div_(5.0).tanh_().mul_(5.0)
+
+
+def normal_parameters_(raw: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, sigma) of Normal(*torch.chunk(raw, 2, dim)), computed in place in `raw` (which is
+    overwritten; mu and sigma are its two halves): equal to Normal's attributes bit for bit."""
+    soft_clamp_(raw)
+    mu, sigma = torch.chunk(raw, 2, dim=dim)
+    sigma.exp_().add_(SIGMA_FLOOR)
+    return mu, sigma
+
+
+def summed_log_density(mu: torch.Tensor, sigma: torch.Tensor, z: torch.Tensor, dims: tuple) -> torch.Tensor:
+    """Normal.log_p(z) summed over `dims`, with two temporaries instead of six (mu, sigma and z
+    broadcast together); equal to Normal.log_p(z).sum(dims) bit for bit."""
+    density = torch.sub(z, mu)
+    density.div_(sigma)
+    density.mul_(density).mul_(-0.5)  # -0.5 s s: the power-of-two factor commutes with the rounding
+    density.sub_(_HALF_LOG_2PI).sub_(torch.log(sigma))
+    return density.sum(dim=dims)
+
+
 def _check_unit_interval(x: torch.Tensor, where: str) -> None:
     if bool(torch.any(x < 0)) or bool(torch.any(x > 1)):
         raise ValueError(

@@ -74,7 +74,9 @@ class ARConv2d(nn.Conv2d):
 
     The mask is a non-persistent buffer (follows .to(), absent from the state_dict). The
     normalised weight of the latest forward is kept in `weight_normalized` for the spectral
-    regulariser.
+    regulariser. Without gradients (the fixed-point inversions of evaluation call it many times) it
+    is reused while the parameters and the mask are unchanged (in place: _version; replaced:
+    data_ptr); with gradients on and a parameter requiring one it is recomputed at every forward.
     """
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int = 1, padding: int = 0,
@@ -100,8 +102,21 @@ class ARConv2d(nn.Conv2d):
         masked = self._masked_weight()
         return torch.exp(self.log_weight_norm) * masked / (self._filter_norms(masked) + WEIGHT_NORM_EPS)
 
+    def _no_graph_key(self) -> tuple | None:
+        """What a graph-free weight_normalized was computed from; None when it must carry a graph."""
+        trained = self.weight.requires_grad or self.log_weight_norm.requires_grad
+        if trained and torch.is_grad_enabled():
+            return None
+        mask = (None, None) if self.mask is None else (self.mask._version, self.mask.data_ptr())
+        return (self.weight._version, self.log_weight_norm._version, self.weight.data_ptr(),
+                self.log_weight_norm.data_ptr(), *mask, self.weight.dtype, torch.is_inference_mode_enabled(),
+                trained)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.weight_normalized = self.normalized_weight()
+        key = self._no_graph_key()
+        if key is None or key != getattr(self, "_weight_key", None):
+            self.weight_normalized = self.normalized_weight()
+            self._weight_key = key
         return F.conv2d(x, self.weight_normalized, self.bias, self.stride, self.padding,
                         self.dilation, self.groups)
 

@@ -51,9 +51,10 @@ class Conv2D(nn.Conv2d):
     With weight_norm=False, w_hat = w and, as in NVAE, the same Parameter is also registered as
     `weight_normalized` (two state_dict entries, one parameter). With data_init=True the first
     forward sets bias and log_weight_norm from the data unless weights were loaded (docs/nvae.md 3.2).
-    A frozen layer (neither parameter requires a gradient: the decoder of --train_new_q) reuses
-    w_hat until a parameter changes in place (torch.no_grad() updates, load_state_dict) or is
-    replaced (.to()); a change made through `.data`, which autograd does not track, is not seen.
+    A frozen layer (neither parameter requires a gradient: the decoder of --train_new_q), and any
+    layer run under torch.no_grad() (evaluation), reuses w_hat until a parameter changes in place
+    (torch.no_grad() updates, load_state_dict) or is replaced (.to()); a change made through
+    `.data`, which autograd does not track, is not seen until the next forward with gradients.
     """
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int = 1, padding: int = 0,
@@ -93,15 +94,19 @@ class Conv2D(nn.Conv2d):
                         self.groups)
 
     def _frozen_weight_key(self) -> tuple | None:
-        """What weight_normalized was computed from, for a frozen layer (neither parameter requires
-        a gradient, e.g. the decoder of --train_new_q); None for a trained layer, whose normalised
-        weight must be recomputed at every forward to carry the graph."""
-        if self.weight.requires_grad or self.log_weight_norm.requires_grad:
+        """What weight_normalized was computed from when it needs no graph: a frozen layer (neither
+        parameter requires a gradient, e.g. the decoder of --train_new_q) or a forward without
+        gradients; None for a trained layer with gradients on, whose normalised weight must be
+        recomputed at every forward to carry the graph."""
+        trained = self.weight.requires_grad or self.log_weight_norm.requires_grad
+        if trained and torch.is_grad_enabled():
             return None
         # in-place changes bump _version; .to() and load_state_dict(assign=True) change data_ptr;
-        # a weight made under inference_mode cannot be saved for a later backward
+        # a weight made under inference_mode cannot be saved for a later backward; a trained
+        # layer's no-grad weight is never reused once gradients are on (the key is then None)
         return (self.weight._version, self.log_weight_norm._version, self.weight.data_ptr(),
-                self.log_weight_norm.data_ptr(), self.weight.dtype, torch.is_inference_mode_enabled())
+                self.log_weight_norm.data_ptr(), self.weight.dtype, torch.is_inference_mode_enabled(),
+                trained)
 
     def initialize_from_data(self, x: torch.Tensor) -> None:
         """bias = -m / (st + 1e-5), log_weight_norm = -ln(st + 1e-5), where m and st = 5 std are the
