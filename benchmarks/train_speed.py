@@ -291,16 +291,27 @@ def cuda_memory(options, device: torch.device, precision: Precision | None = Non
 
 # ----------------------------------------------------------------------------- the new-encoder gate
 
-def step_gradients(parts: StepParts, model: AutoEncoder, layers: RegularisedLayers, x: torch.Tensor,
-                   draw_seed: int) -> dict[str, torch.Tensor]:
-    """{parameter name: gradient} of the step's float32 loss for `model` (left unchanged apart
-    from its .grad), the parts' schedule and alpha, posterior draws from `draw_seed`; only the
+def step_loss_and_gradients(parts: StepParts, x: torch.Tensor, draw_seed: int, model: AutoEncoder | None = None,
+                            layers: RegularisedLayers | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+    """The step's float32 loss and {parameter name: gradient} for `model` (default: a copy of the
+    parts' model with the parts' layers; the model is left unchanged apart from its .grad), with the
+    parts' schedule and alpha and posterior draws from `draw_seed`, without updating; only the
     parameters that require a gradient appear."""
+    if model is None:
+        model, layers = copy.deepcopy((parts.model, parts.layers))
     beta, lam = step_weights(parts.settings, STEP_INDEX, parts.num_total_iter)
     torch.manual_seed(draw_seed)
-    nelbo_loss(model, x, beta, parts.alpha, lam, layers).loss.backward()
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters()
-            if p.requires_grad and p.grad is not None}
+    loss = nelbo_loss(model, x, beta, parts.alpha, lam, layers).loss
+    loss.backward()
+    return float(loss.detach()), {name: p.grad.detach().clone() for name, p in model.named_parameters()
+                                  if p.requires_grad and p.grad is not None}
+
+
+def gradient_relative_error(gradients: dict, reference: dict, names: list[str]) -> float:
+    """|g - g_ref| / |g_ref| over the named gradients as one vector (float64 sums)."""
+    error = sum(float((gradients[name] - reference[name]).double().pow(2).sum()) for name in names) ** 0.5
+    norm = sum(float(reference[name].double().pow(2).sum()) for name in names) ** 0.5
+    return error / max(norm, 1e-30)
 
 
 def full_step_reference(model: AutoEncoder) -> AutoEncoder:
@@ -322,11 +333,9 @@ def check_encoder_gradients(new_q: dict, full: dict) -> float:
     if sorted(new_q) != expected:
         raise bench_record.Disagreement("the new-encoder step trains other encoder parameters than the full step: "
                                         f"{sorted(set(expected) ^ set(new_q))[:3]}")
-    error = sum(float((new_q[name] - full[name]).double().pow(2).sum()) for name in expected) ** 0.5
-    norm = sum(float(full[name].double().pow(2).sum()) for name in expected) ** 0.5
     return bench_record.check_close("new-encoder step's encoder gradient against the full step's (relative "
-                                    "error of all encoder parameters as one vector)", error / max(norm, 1e-30),
-                                    0.0, ENCODER_GRAD_REL_ERROR_MAX)
+                                    "error of all encoder parameters as one vector)",
+                                    gradient_relative_error(new_q, full, expected), 0.0, ENCODER_GRAD_REL_ERROR_MAX)
 
 
 def check_decoder_untouched(parts: StepParts, x: torch.Tensor) -> int:
@@ -347,8 +356,8 @@ def new_encoder_gate(parent: AutoEncoder, device: torch.device, x: torch.Tensor)
     """The gate of the module docstring on a fresh new-encoder model; Disagreement if it fails."""
     parts, model = build_step_parts("new_q", device, parent=parent)
     reference = full_step_reference(model)
-    own = step_gradients(parts, copy.deepcopy(model), RegularisedLayers.encoder_of(model), x, GATE_DRAW_SEED)
-    full = step_gradients(parts, reference, RegularisedLayers.encoder_of(reference), x, GATE_DRAW_SEED)
+    own = step_loss_and_gradients(parts, x, GATE_DRAW_SEED)[1]
+    full = step_loss_and_gradients(parts, x, GATE_DRAW_SEED, reference, RegularisedLayers.encoder_of(reference))[1]
     error = check_encoder_gradients(own, full)
     compared = check_decoder_untouched(parts, x)
     print(f"gate: the new-encoder step's encoder gradient equals the full step's (relative error {error:.1e}, "
@@ -613,7 +622,7 @@ def _default_markdown(result: dict) -> list[str]:
 
 def _precision_markdown(result: dict) -> list[str]:
     lines = [f"Preset `{result['preset']}`, batch {result['batch_size']}, layout {result['layout']}, median of "
-             f"{result['timed_steps']} timed steps after {result['warmup_steps']}. {result['cuda']}.", "",
+             f"{result['timed_steps']} timed steps after {result['warmup_steps']} warm-up steps. {result['cuda']}.", "",
              "| precision | full s | full / fp32 | new-encoder s | new-encoder / fp32 | peak MiB full / new-encoder |",
              "|---|---|---|---|---|---|"]
     for name in result["precisions"]:
@@ -624,10 +633,10 @@ def _precision_markdown(result: dict) -> list[str]:
                      f"{result['step_s'][name]['new_q']:.3f} | {ratios[1]} | {peaks} |")
     gate = result["gate"]
     lines += ["", f"Gate passed (loss within {gate['loss_rel_tol']:g} relative, gradient cosine >= "
-              f"{gate['grad_cosine_min']:g}, gradient relative error <= {gate['grad_rel_error_max']:g}):"]
+              f"{gate['grad_cosine_min']:g}, gradient relative error <= {gate['grad_rel_error_max']:g}):", ""]
     for name, by_mode in result["loss_vs_fp32"].items():
         for mode, figures in by_mode.items():
-            lines.append(f"{name} {mode} step: loss {figures['loss']:.4f} against {figures['loss_fp32']:.4f} "
+            lines.append(f"- {name} {mode} step: loss {figures['loss']:.4f} against {figures['loss_fp32']:.4f} "
                          f"(relative {figures['loss_rel_diff']:.1e}), cosine {figures['grad_cosine']:.6f}, "
                          f"relative error {figures['grad_rel_error']:.1e}.")
     return lines
