@@ -25,7 +25,24 @@ run must reproduce the recorded log-weights exactly.
 
 Correctness gate: before any speed figure of an S is printed, max |a - b| over log_p and log_q and
 max |c - b| over log_p must be at most --tolerance (0.05 nats, absolute); otherwise the benchmark
-says which and exits with status 1, so a wrong (b) never prints a speed-up.
+says which and exits with status 1 (bench_record.refuse), so a wrong (b) never prints a speed-up.
+
+Breakdown of (b): after the timed rounds, one more run of (b) with a
+`miselbo.ensemble.sections.SectionTimer` active. Ensemble.log_weights opens a named section around
+each kind of work, and the timer charges the wall time (time.perf_counter; on CUDA after a
+synchronize at every boundary) between a section's start and end to it, excluding the sections
+opened inside it:
+  decoder      the top-down passes, output head, likelihood and prior densities (what (c) does);
+  encoder      the S bottom-up passes and the x-only part of every posterior head (once per batch);
+  heads        the cross-member scoring: per group one stacked convolution for all S heads, their
+               Normal parameters, the source's draw and log q_j of every sample under every member;
+  flows        the source's flows and the other members' flow inversions (none in the paper model);
+  reductions   storing each pass's rows (log_weights) or its logsumexp mixtures (reduced_weights);
+  rest         the run's total minus the parts: Python glue outside every section.
+The instrumented run's own total is reported beside ours_s (the sections add a few microseconds
+each). Counts per example come from the same run: decoder sample passes (S L), encoder passes (S),
+head scorings (S^2 L; one scoring = one sample under one member's heads of all G groups), flow
+applications (S L with flows) and inversions (S (S - 1) L with flows).
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated over the call minus what was
 allocated before it; on CPU the peak resident set size sampled every 2 ms during the call minus the
@@ -36,8 +53,10 @@ Also timed: the S bottom-up passes alone (part of (b), not of (c): they are amor
 they weigh more at the small L used here than at L = 1000), and the S posterior heads of the 8x8 groups as ours (one composed conv on the decoder state)
 and as a combiner conv with S*C outputs followed by a grouped sampler conv (groups = S).
 
-The last line printed is `RESULT {json}` keyed by S (string): public_over_ours, ours_over_floor,
-max_abs_diff (largest |a - b| over log_p and log_q), plus the times, peaks and relative difference.
+`RESULT {json}` is keyed by S (string): public_over_ours, ours_over_floor, breakdown, max_abs_diff
+(largest |a - b| over log_p and log_q), plus the times, peaks and relative difference; it is also
+stored with the machine, commit and date in benchmarks/results/eval_speed.json (bench_record.save),
+from which `render_markdown` makes the tables of docs/benchmarks.md.
 
     python benchmarks/eval_speed.py            # S in {2, 5, 8}, batch 16, L = 8, 1 timed run each
     python benchmarks/eval_speed.py --quick    # S in {2, 5}, batch 4, L = 8, 1 timed run each
@@ -47,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import platform
 import statistics
@@ -60,11 +78,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_record  # noqa: E402
 
 from miselbo.runtime.cli import resolve_device  # noqa: E402
 from miselbo.data.datasets import load_dataset  # noqa: E402
 from miselbo.ensemble.log_weights import Ensemble, default_chunk_size, stacked_head  # noqa: E402
 from miselbo.ensemble.naive import naive_log_weights  # noqa: E402
+from miselbo.ensemble.sections import SectionTimer, timing  # noqa: E402
 from miselbo.ensemble.shared_decoder import share_decoder  # noqa: E402
 from miselbo.evaluation.examples import EvaluationExamples  # noqa: E402
 from miselbo.nvae.config import get_arch_cells  # noqa: E402
@@ -77,8 +99,13 @@ SEED = 0
 DEFAULT_TOLERANCE_NATS = 0.05  # float32 sums over 1,000s of terms differ by ~1e-3 nats in order
 
 
-class WrongResult(Exception):
+PARTS = ("decoder", "encoder", "heads", "flows", "reductions", "rest")
+
+
+class WrongResult(bench_record.Disagreement):
     """(a), (b) and (c) disagree beyond the tolerance: no speed figure may be printed."""
+
+
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -144,8 +171,13 @@ def measured(function, device: torch.device):
 
 # ----------------------------------------------------------------------------- the three methods
 
+def model_args():
+    """The architecture measured: the paper preset for MNIST (tests substitute a tiny one)."""
+    return PAPER.nvae_args(dataset="mnist")
+
+
 def build_members(count: int, device: torch.device) -> list[AutoEncoder]:
-    args = PAPER.nvae_args(dataset="mnist")
+    args = model_args()
     members = []
     for seed in range(count):
         torch.manual_seed(seed)
@@ -217,6 +249,62 @@ def head_convolutions(ensemble: Ensemble, batch_rows: int, device: torch.device,
     return timings
 
 
+# ----------------------------------------------------------------------------- breakdown of (b)
+
+def _synchronizer(device: torch.device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
+def instrumented_run(ensemble: Ensemble, x: torch.Tensor, num_samples: int, chunk: int,
+                     device: torch.device) -> tuple[float, SectionTimer]:
+    """(total seconds, the filled timer) of one `Ensemble.log_weights` run with its sections timed."""
+    timer = SectionTimer(_synchronizer(device))
+    generator = torch.Generator(device=device).manual_seed(SEED)
+    with timing(timer):
+        began = time.perf_counter()
+        ensemble.log_weights(x, num_samples, generator, chunk)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        total = time.perf_counter() - began
+    return total, timer
+
+
+def part_seconds(timer: SectionTimer, total: float) -> dict:
+    """Seconds of each of PARTS: the timed sections (decoder = passes + prior densities, flows =
+    applications + inversions) and the rest of the run's total outside them."""
+    seconds = {part: timer.seconds.get(part, 0.0) for part in PARTS[:-1]}
+    seconds["decoder"] += timer.seconds.get("decoder_prior", 0.0)  # the prior densities, inside the pass
+    seconds["flows"] += timer.seconds.get("flow_inversions", 0.0)
+    seconds["rest"] = total - sum(seconds.values())
+    return seconds
+
+
+def operation_counts(timer: SectionTimer, num_groups: int) -> dict:
+    """Operations per example, from the units the sections counted (every pass covers all B
+    examples; heads and flows count once per group, so their sums are divided by G)."""
+    return {"decoder_sample_passes": timer.units.get("decoder", 0),
+            "encoder_passes": timer.units.get("encoder", 0),
+            "head_scorings": timer.units.get("heads", 0) / num_groups,
+            "flow_applications": timer.units.get("flows", 0) / num_groups,
+            "flow_inversions": timer.units.get("flow_inversions", 0) / num_groups,
+            "groups": num_groups}
+
+
+def breakdown(ensemble: Ensemble, x: torch.Tensor, num_samples: int, chunk: int, device: torch.device) -> dict:
+    """Where (b)'s time goes, from one instrumented run (module docstring): seconds and share of
+    each part, the run's total, and the operation counts per example beside the cost model's."""
+    total, timer = instrumented_run(ensemble, x, num_samples, chunk, device)
+    seconds = part_seconds(timer, total)
+    size = ensemble.num_members
+    return {"instrumented_s": total, "decoder_calls": timer.calls.get("decoder", 0), "seconds": seconds,
+            "share": {part: value / total for part, value in seconds.items()},
+            "counts_per_example": operation_counts(timer, ensemble.num_groups),
+            "cost_model": {"decoder_sample_passes": size * num_samples, "encoder_passes": size,
+                           "head_scorings": size * size * num_samples,
+                           "flow_applications": size * num_samples if ensemble.with_flows else 0,
+                           "flow_inversions": size * (size - 1) * num_samples if ensemble.with_flows else 0}}
+
+
 # ----------------------------------------------------------------------------- one ensemble size
 
 def timed_rounds(methods: dict, device: torch.device, repeats: int) -> dict:
@@ -270,12 +358,13 @@ def compare(members: list, x: torch.Tensor, num_samples: int, chunk: int, device
     seconds = {name: statistics.median(run[0] for run in method_runs) for name, method_runs in runs.items()}
     time_bottom_up = statistics.median(measured(lambda: [m.encode_bottom_up(x) for m in members], device)[0]
                                        for _ in range(repeats))
+    parts = breakdown(ensemble, x, num_samples, chunk, device)
     return {"S": num_members, "statistic": f"median of {repeats}", "public_s": seconds["public"],
             "ours_s": seconds["ours"], "floor_s": seconds["floor"],
             **{f"{name}_runs_s": [run[0] for run in method_runs] for name, method_runs in runs.items()},
             "bottom_up_s": time_bottom_up,
             "public_over_ours": seconds["public"] / seconds["ours"],
-            "ours_over_floor": seconds["ours"] / seconds["floor"],
+            "ours_over_floor": seconds["ours"] / seconds["floor"], "breakdown": parts,
             "public_over_ours_per_S": seconds["public"] / seconds["ours"] / num_members,
             "peak_mib": {name: max(run[1] for run in method_runs) / 2 ** 20 for name, method_runs in runs.items()},
             **checked, **head_convolutions(ensemble, chunk * x.shape[0], device)}
@@ -318,9 +407,8 @@ def main(argv=None) -> None:
     for size in sizes:
         try:
             row = compare(all_members[:size], x, options.num_samples, chunk, device, repeats, options.tolerance)
-        except WrongResult as err:
-            print(f"S={size}: FAILED: {err}", file=sys.stderr, flush=True)
-            sys.exit(1)
+        except bench_record.Disagreement as err:
+            bench_record.refuse("eval_speed", bench_record.Disagreement(f"S={size}: {err}"))
         result[str(size)] = row
         peaks = row["peak_mib"]
         print(f"S={size}: public {row['public_s']:.2f} s, ours {row['ours_s']:.2f} s (S bottom-up passes alone "
@@ -330,7 +418,80 @@ def main(argv=None) -> None:
               f"{peaks['ours']:.1f}, floor {peaks['floor']:.1f} | max |a-b| {row['max_abs_diff']:.3g} "
               f"(rel {row['max_rel_diff']:.2g}) | heads per 8x8 group: composed {row['heads_composed_ms']:.2f} ms, "
               f"combiner+grouped {row['heads_grouped_ms']:.2f} ms", flush=True)
-    print("RESULT " + json.dumps(result))
+        print(f"S={size}: breakdown of ours: " + describe_breakdown(row["breakdown"]), flush=True)
+    bench_record.save("eval_speed", result, device, argv=sys.argv[1:] if argv is None else list(argv))
+
+
+def describe_breakdown(parts: dict) -> str:
+    """One line: seconds (share) of each part and the counts per example."""
+    timed = ", ".join(f"{part} {parts['seconds'][part]:.3f} s ({100 * parts['share'][part]:.1f}%)" for part in PARTS)
+    counts = parts["counts_per_example"]
+    return (f"{timed} of {parts['instrumented_s']:.3f} s | per example: {counts['decoder_sample_passes']:g} "
+            f"decoder sample passes, {counts['encoder_passes']:g} encoder passes, {counts['head_scorings']:g} "
+            f"head scorings, {counts['flow_applications']:g} flow applications, {counts['flow_inversions']:g} "
+            f"flow inversions")
+
+
+# ----------------------------------------------------------------------------- docs/benchmarks.md
+
+def _machine_line(record: dict) -> str:
+    machine = record.get("machine", {})
+    load = machine.get("load_average")
+    device = machine.get("device", "?") + (f" ({machine['gpu']})" if machine.get("gpu") else "")
+    dirty = " (uncommitted changes)" if record.get("dirty") else ""
+    return (f"`{record.get('command', '?')}` on {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
+            f"{machine.get('torch_threads', '?')} torch threads, torch {machine.get('torch', '?')}, device {device}, "
+            f"load average {' / '.join(f'{value:g}' for value in load) if load else 'unknown'}; commit "
+            f"{record.get('commit', '?')}{dirty}, {record.get('date', '?')}.")
+
+
+def _speed_table(result: dict) -> list[str]:
+    lines = ["| S | public s | ours s | floor s | public/ours | ours/floor | max \\|a-b\\| nats | "
+             "peak MiB public / ours / floor |", "|---|---|---|---|---|---|---|---|"]
+    for size, row in sorted(result.items(), key=lambda item: int(item[0])):
+        peaks = row["peak_mib"]
+        lines.append(f"| {size} | {row['public_s']:.2f} | {row['ours_s']:.2f} | {row['floor_s']:.2f} | "
+                     f"{row['public_over_ours']:.2f} | {row['ours_over_floor']:.3f} | {row['max_abs_diff']:.2g} | "
+                     f"{peaks['public']:.0f} / {peaks['ours']:.0f} / {peaks['floor']:.0f} |")
+    return lines
+
+
+COUNT_LABELS = {"decoder": ("decoder_sample_passes", "S L decoder sample passes"),
+                "encoder": ("encoder_passes", "S encoder passes"),
+                "heads": ("head_scorings", "S² L head scorings (all G groups each)"),
+                "flows": ("flow_applications", "S L flow applications + S (S-1) L inversions")}
+
+
+def _count_cell(part: str, counts: dict) -> str:
+    if part not in COUNT_LABELS:
+        return ""
+    key, label = COUNT_LABELS[part]
+    value = f"{counts[key]:g}"
+    if part == "flows":
+        value += f" + {counts['flow_inversions']:g}"
+    return f"{value} ({label})"
+
+
+def _breakdown_table(result: dict) -> list[str]:
+    lines = ["| S | part | seconds | share of (b) | operations per example |", "|---|---|---|---|---|"]
+    for size, row in sorted(result.items(), key=lambda item: int(item[0])):
+        parts = row["breakdown"]
+        for part in PARTS:
+            lines.append(f"| {size} | {part} | {parts['seconds'][part]:.3f} | {100 * parts['share'][part]:.1f}% | "
+                         f"{_count_cell(part, parts['counts_per_example'])} |")
+        lines.append(f"| {size} | total (instrumented run) | {parts['instrumented_s']:.3f} | 100% | "
+                     f"{parts['decoder_calls']} batched decoder calls |")
+    return lines
+
+
+def render_markdown(record: dict) -> str:
+    """docs/benchmarks.md's part for a stored eval_speed record (bench_record.record's dict): the
+    command and machine line, the speed table per S and the breakdown of (b) per S."""
+    result = record["result"]
+    lines = [_machine_line(record), "", *_speed_table(result), "",
+             "Where ours spends its time (one instrumented run after the timed ones; exclusive wall time "
+             "per part, rest = the run's total outside every part):", "", *_breakdown_table(result)]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

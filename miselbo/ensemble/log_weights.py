@@ -366,7 +366,7 @@ class Ensemble:
             with section("heads"):
                 log_q = summed_log_density(posterior.mu, posterior.sigma, points, (3, 4, 5))  # [n, B, S]
                 pass_state.log_q += log_q.double()
-            with section("decoder"):
+            with section("decoder_prior"):
                 prior_density = Normal(prior.mu_raw, prior.log_sigma_raw).log_p(flat_post)
                 pass_state.log_prior += prior_density.sum(dim=(1, 2, 3)).double()  # [N]
             if ctx.record is not None:
