@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_record  # noqa: E402
+import torch  # noqa: E402
 
 ESTIMATORS = ("miselbo", "pooled", "avg_iwelbo", "avg_elbo", "jsd")
 # One short epoch on 640 training images and a 100-image evaluation with the demo architecture.
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
                   settings={"quick": args.quick, "threads": args.threads,
                             "omp_passive": args.omp_passive, "pipeline_flags": flags,
                             "cpu_count": os.cpu_count()})
+    if args.threads is not None:  # the record's machine line names the pipeline's thread count
+        torch.set_num_threads(args.threads)
     bench_record.save("main_job", result, "cpu", argv=sys.argv[1:] if argv is None else list(argv))
     return 0
 

@@ -71,6 +71,8 @@ def test_a_quick_joint_comparison_record_is_never_reused_by_a_full_run(tmp_path,
 
 def test_main_job_passes_flags_through_and_stores_the_evaluation_table(tmp_path, monkeypatch):
     import json
+
+    import torch
     main_job = _benchmark("main_job")
     import bench_record
     assert main_job.parse_options(["--quick", "--", "--export", "models/mnist5k_demo"]).pipeline_flags == [
@@ -90,10 +92,15 @@ def test_main_job_passes_flags_through_and_stores_the_evaluation_table(tmp_path,
 
     monkeypatch.setattr(main_job, "run_main_job", fake_pipeline)
     monkeypatch.setattr(bench_record, "RESULTS_DIR", tmp_path / "results")
-    assert main_job.main(["--threads", "1", "--out", str(tmp_path / "run"), "--", "--export", "x/demo"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main_job.main(["--threads", "1", "--out", str(tmp_path / "run"), "--", "--export", "x/demo"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     assert seen == [["--export", "x/demo"]]
     result = bench_record.load("main_job", tmp_path / "results")["result"]
     assert result["settings"]["pipeline_flags"] == ["--export", "x/demo"] and result["wall_seconds"] == 3.5
+    assert bench_record.load("main_job", tmp_path / "results")["machine"]["torch_threads"] == 1
     assert result["stages"]["p_and_q1"]["steps"] == 1.5 and result["evaluation"]["iwelbo_per_member"][2] == -103.0
     text = main_job.render_markdown(bench_record.load("main_job", tmp_path / "results"))
     assert "| miselbo | -100.0000 | 0.5000 |" in text and "| iwelbo q3 | -103.0000 | 0.9000 |" in text
