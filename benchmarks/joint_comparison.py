@@ -231,7 +231,9 @@ def main(argv=None) -> int:
     records = [measure(name, seed, options, parent, parent_sha256) for name in CONFIGURATIONS for seed in options.seeds]
     table = summarise(records)
     print_table(table, options)
-    result = {"quick": options.quick, "parent": str(parent), "parent_sha256": parent_sha256, "seeds": options.seeds,
+    shown = parent.resolve()
+    shown = shown.relative_to(REPO_ROOT) if shown.is_relative_to(REPO_ROOT) else shown
+    result = {"quick": options.quick, "parent": str(shown), "parent_sha256": parent_sha256, "seeds": options.seeds,
               "L": options.num_iw_samples, "num_examples": options.num_examples,
               "eval_chunk_size": options.eval_chunk_size, "epoch_test_examples": options.epoch_test_examples,
               "records": records}
@@ -254,7 +256,7 @@ def render_markdown(record: dict) -> str:
              "| configuration | MISELBO | pooled | avg IWELBO | avg ELBO | JSD | training wall s |",
              "|---|---|---|---|---|---|---|"]
     for name, row in table.items():
-        cells = [f"{row[key][0]:.3f} ± {row[key][1]:.3f}" for key in ESTIMATORS]
+        cells = [f"{row[key][0]:.4f} ± {row[key][1]:.4f}" for key in ESTIMATORS]
         wall = row["train_wall_s"]
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {wall[0]:.0f} ± {wall[1]:.0f} |")
     return "\n".join(lines) + "\n"
