@@ -30,7 +30,9 @@ def tiny_bench(monkeypatch, tmp_path):
     bench = _benchmark_module()
     monkeypatch.setattr(bench, "model_args", lambda: tiny_args())
     monkeypatch.setattr(bench.bench_record, "RESULTS_DIR", tmp_path)
-    return bench
+    grad_enabled = torch.is_grad_enabled()
+    yield bench
+    torch.set_grad_enabled(grad_enabled)  # main() turns gradients off for the process
 
 
 def _log_weights(seed: int = 0):
