@@ -66,9 +66,12 @@ SUBSET_SEED, DRAW_SEED = 1, 0
 # S2A with every member active samples every member for every example with the same generator as
 # A2A, so the tensors can differ by float rounding only (float32 passes reduced in float64).
 A_EQUALS_S_TOLERANCE_NATS = 1e-4
-# S2A's per-example value is an unbiased estimate of MISELBO's over the random subsets; its mean
-# over B examples lies within 4 standard errors of MISELBO's except with probability ~6e-5.
-MC_STANDARD_ERRORS = 4.0
+# S2A's per-example value is an unbiased estimate of MISELBO's over the random subsets and draws;
+# its mean over B examples lies within a few standard errors of MISELBO's. With B = 16 the
+# standard error is itself estimated from 16 heavy-tailed values (random-weight members differ by
+# tens of nats), so the bound is 5 of them rather than a normal quantile: a wrong S2A (a lost
+# mixture term, the wrong members' densities) misses MISELBO by far more.
+MC_STANDARD_ERRORS = 5.0
 
 
 def build_ensemble(size: int, device: torch.device) -> Ensemble:
