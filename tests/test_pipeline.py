@@ -53,8 +53,9 @@ def test_main_job_trains_three_members_evaluates_and_exports(tmp_path, capsys):
     recorded = stage_record.read_record(out)
     for stage in ("p_and_q1", "q2", "q3"):  # every stage's exact flags, the --out folder shown as <out>
         shown = manifest["stages"][stage]["train.py"]
-        assert shown == [t.replace(str(out), "<out>") for t in recorded[stage]["train.py"]]
-        assert str(out) not in " ".join(shown) and "<out>" in shown
+        assert shown == [t.replace(str(out), "OUT") for t in recorded[stage]["train.py"]]
+        assert str(out) not in " ".join(shown) and "OUT" in shown
+    assert manifest["pipeline_command"][:3] == ["python", "-m", "miselbo.pipeline"]
     readme = (export / "README.md").read_text()
     assert f"{estimators['miselbo']['mean']:.4f}" in readme and "python train.py" in readme
     assert manifest["seeds"] == [1, 2, 3] and manifest["dataset"] == "mnist5k"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import miselbo
 from miselbo.pipeline import stage_record
-from miselbo.pipeline.model_card import OUT_PLACEHOLDER, render_readme
+from miselbo.pipeline.model_card import FOLDER_PLACEHOLDER, OUT_PLACEHOLDER, render_readme
 from miselbo.storage.checkpoints import CHECKPOINT_FILE_NAME, read_checkpoint
 from miselbo.storage.safe_io import atomic_torch_save, atomic_write_text
 from miselbo.runtime.stop_signals import StopSignal, signals_raise
@@ -83,7 +83,7 @@ def _stage_commands(settings) -> dict:
 
 def _pipeline_command(settings) -> list[str]:
     """The pipeline command that makes this folder again (flags that change what is trained)."""
-    argv = [*PROG.split(), "--preset", settings.preset, "--dataset", settings.dataset,
+    argv = [*PROG.split()[1:], "--preset", settings.preset, "--dataset", settings.dataset,
             "--num_encoders", str(settings.num_encoders), "--seeds", *map(str, settings.seeds),
             "--num_iw_samples", str(settings.num_iw_samples), "--eval_batch_size", str(settings.eval_batch_size)]
     if settings.num_eval_examples is not None:
@@ -92,7 +92,7 @@ def _pipeline_command(settings) -> list[str]:
         argv += ["--joint", settings.joint]
     if settings.joint_num_active is not None:
         argv += ["--joint_num_active", str(settings.joint_num_active)]
-    return ["python", *argv, "--export", "<folder>", *settings.train_flags]
+    return ["python", *argv, "--export", FOLDER_PLACEHOLDER, *settings.train_flags]
 
 
 def build_manifest(settings, members: list[dict], first_args, results: dict, evaluation_argv: list[str]) -> dict:

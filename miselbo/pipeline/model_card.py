@@ -6,7 +6,9 @@ import shlex
 
 from miselbo.evaluation.report import format_table
 
-OUT_PLACEHOLDER = "<out>"  # the pipeline's --out folder in the recorded command lines
+# the pipeline's --out folder and the export folder, as the recorded command lines show them
+OUT_PLACEHOLDER = "OUT"
+FOLDER_PLACEHOLDER = "FOLDER"
 
 
 def _member_rows(manifest: dict) -> list[str]:
@@ -47,7 +49,7 @@ def render_readme(name: str, manifest: dict, results: dict) -> str:
              "`evaluate.py` read them; they cannot be resumed (the commands below make resumable ones).",
              "", "## How it was made", "",
              f"The pipeline command, then the train.py and miselbo_eval.py commands it ran ({OUT_PLACEHOLDER} "
-             "is its --out folder):", "", "```bash", *_commands(manifest), "```", "",
+             f"stands for its --out folder, {FOLDER_PLACEHOLDER} for this folder):", "", "```bash", *_commands(manifest), "```", "",
              "## What its evaluation printed", "",
              f"`python miselbo_eval.py --checkpoints <this folder>` (or, for the folder `models/` holds, "
              f"`python miselbo_eval.py` alone) takes L = {defaults['num_iw_samples']}, batch size "
