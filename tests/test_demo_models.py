@@ -1,8 +1,16 @@
-"""The shipped ensemble in models/: one decoder to the bit, and a plain miselbo_eval.py works on it."""
+"""The shipped ensemble in models/: one decoder to the bit, a plain miselbo_eval.py works on it, its
+table on a fixed subset is pinned, and its folder's README shows what a plain evaluation prints.
+
+Regenerate the pinned values after a change that is meant to move them (a new export, a new
+sampling scheme): `python tests/test_demo_models.py --pin`, and say why in the commit.
+"""
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from miselbo.storage.checkpoints import load_nvae_checkpoint
@@ -11,6 +19,11 @@ from miselbo.evaluation.evaluate import main as evaluate_main
 from miselbo.nvae.model import is_decoder_key
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "mnist5k_demo"
+PINNED = Path(__file__).resolve().parent / "pinned" / "mnist5k_demo_subset.json"
+# A plain evaluation of a fixed subset with a fixed seed; only float rounding may move it (other
+# CPUs, thread counts and BLAS builds change the last digits of float32 sums, far below this).
+PINNED_ARGV = ["--num_examples", "50", "--num_iw_samples", "5", "--seed", "0"]
+PINNED_TOLERANCE_NATS = 5e-3
 
 
 def test_shipped_members_share_every_decoder_tensor_and_differ_in_the_encoder():
@@ -39,3 +52,52 @@ def test_plain_evaluation_of_the_shipped_ensemble(tmp_path):
     assert -200.0 < estimators["miselbo"]["mean"] < -50.0  # a trained model, in nats per digit
     delta = estimators["miselbo"]["mean"] - estimators["avg_iwelbo"]["mean"]
     assert math.isclose(results["delta"], delta, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def _table(results: dict) -> dict:
+    """{row name: mean} of a results.json: every estimator and each member's IWELBO."""
+    table = {name: entry["mean"] for name, entry in results["estimators"].items()}
+    table.update({f"iwelbo q{i + 1}": value for i, value in enumerate(results["iwelbo_per_member"])})
+    return table
+
+
+def _evaluate_subset(save: Path) -> dict:
+    assert evaluate_main([*PINNED_ARGV, "--save", str(save)]) == 0
+    return _table(json.loads((save / "results.json").read_text()))
+
+
+def test_the_shipped_table_on_a_fixed_subset_and_seed_is_pinned(tmp_path):
+    pinned = json.loads(PINNED.read_text())
+    assert pinned["argv"] == PINNED_ARGV
+    table = _evaluate_subset(tmp_path)
+    assert set(table) == set(pinned["table"])
+    for row, value in pinned["table"].items():
+        assert abs(table[row] - value) <= PINNED_TOLERANCE_NATS, (row, table[row], value)
+
+
+def _readme_table() -> dict:
+    """{row name: mean} from the table in the folder's README (the export wrote it)."""
+    text = (DEMO / "README.md").read_text()
+    rows = re.findall(r"^(miselbo|pooled|avg_iwelbo|avg_elbo|jsd|iwelbo q\d+) +(-?\d+\.\d+)", text, re.M)
+    return {name: float(value) for name, value in rows}
+
+
+@pytest.mark.slow
+def test_a_plain_evaluation_prints_the_table_of_the_folders_readme(tmp_path):
+    # what `python miselbo_eval.py` prints with no arguments: all 1,000 test digits, the manifest's
+    # L, batch and chunk size, so the same draws as the main job's evaluation that made the README
+    shown = _readme_table()
+    assert len(shown) == 8
+    assert evaluate_main(["--save", str(tmp_path)]) == 0
+    table = _table(json.loads((tmp_path / "results.json").read_text()))
+    for row, value in shown.items():
+        assert abs(table[row] - value) <= PINNED_TOLERANCE_NATS, (row, table[row], value)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--pin"]:
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        PINNED.parent.mkdir(exist_ok=True)
+        PINNED.write_text(json.dumps({"argv": PINNED_ARGV, "table": _evaluate_subset(Path(folder))},
+                                     indent=2) + "\n")
+    print(f"wrote {PINNED}")
