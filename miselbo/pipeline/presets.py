@@ -17,9 +17,9 @@ stages, and any flag typed after it overrides it.
   1,000, which leaves the trained weights unchanged, the final test of every stage uses one
   importance sample (the pipeline's evaluation gives every member's IWELBO right after), and the
   pipeline evaluates it with 20 samples per decoder pass (changes only which draws are used) and
-  without the compute-matched baseline (about twice the rest of the evaluation's time; the
-  pipeline's --matched_baseline adds it). These choices make the main job cheaper, not NVAE's
-  recipe: docs/benchmarks.md gives the measured time and table.
+  without the compute-matched baseline (about S times MISELBO's decoder passes; the
+  pipeline's --matched_baseline adds it). These choices make the main job cheaper without changing
+  how any encoder trains; benchmarks/main_job.py measures its time and table.
 - `tiny`: a model of a few thousand parameters, one epoch; for tests and smoke runs.
 """
 from __future__ import annotations
