@@ -25,6 +25,11 @@ conv (benchmarks/eval_speed.py times both; docs/benchmarks.md has the ratio), an
 float32 round-off. The stacked weights are written when the Ensemble is built and rebuilt whenever a
 head parameter changed since (checked on every call through the parameters' identities and in-place
 version counters, so a load_state_dict or an optimizer step is picked up; tests/test_ensemble.py).
+The convolution's output buffer is turned into the S members' Normal parameters in place (base,
+prior, soft clamp, sigma) and log q of every member is summed with two temporaries: the same float
+operations as `Normal`, bit for bit, without its six intermediate tensors of size S x L per row.
+The work is split into named sections (`miselbo.ensemble.sections`: encoder, decoder, heads, flows,
+reductions), timed only when a SectionTimer is active (benchmarks/eval_speed.py's breakdown).
 
 Memory linear in S (`reduced_weights`): each source member's samples are reduced as soon as they
 are scored, to log p, its own log q, log q_mix (all S members) and, when asked, the mixture of the
