@@ -55,7 +55,8 @@ and as a combiner conv with S*C outputs followed by a grouped sampler conv (grou
 
 `RESULT {json}` is keyed by S (string): public_over_ours, ours_over_floor, breakdown, max_abs_diff
 (largest |a - b| over log_p and log_q), plus the times, peaks and relative difference; it is also
-stored with the machine, commit and date in benchmarks/results/eval_speed.json (bench_record.save),
+stored with the machine, commit and date in benchmarks/results/eval_speed.json (--quick:
+eval_speed_quick.json; bench_record.save),
 from which `render_markdown` makes the tables of docs/benchmarks.md.
 
     python benchmarks/eval_speed.py            # S in {2, 5, 8}, batch 16, L = 8, 1 timed run each
@@ -419,7 +420,8 @@ def main(argv=None) -> None:
               f"(rel {row['max_rel_diff']:.2g}) | heads per 8x8 group: composed {row['heads_composed_ms']:.2f} ms, "
               f"combiner+grouped {row['heads_grouped_ms']:.2f} ms", flush=True)
         print(f"S={size}: breakdown of ours: " + describe_breakdown(row["breakdown"]), flush=True)
-    bench_record.save("eval_speed", result, device, argv=sys.argv[1:] if argv is None else list(argv))
+    bench_record.save("eval_speed", result, device, argv=sys.argv[1:] if argv is None else list(argv),
+                      stored_as="eval_speed_quick" if options.quick else None)
 
 
 def describe_breakdown(parts: dict) -> str:
@@ -433,17 +435,6 @@ def describe_breakdown(parts: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- docs/benchmarks.md
-
-def _machine_line(record: dict) -> str:
-    machine = record.get("machine", {})
-    load = machine.get("load_average")
-    device = machine.get("device", "?") + (f" ({machine['gpu']})" if machine.get("gpu") else "")
-    dirty = " (uncommitted changes)" if record.get("dirty") else ""
-    return (f"`{record.get('command', '?')}` on {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
-            f"{machine.get('torch_threads', '?')} torch threads, torch {machine.get('torch', '?')}, device {device}, "
-            f"load average {' / '.join(f'{value:g}' for value in load) if load else 'unknown'}; commit "
-            f"{record.get('commit', '?')}{dirty}, {record.get('date', '?')}.")
-
 
 def _speed_table(result: dict) -> list[str]:
     lines = ["| S | public s | ours s | floor s | public/ours | ours/floor | max \\|a-b\\| nats | "
@@ -486,9 +477,10 @@ def _breakdown_table(result: dict) -> list[str]:
 
 def render_markdown(record: dict) -> str:
     """docs/benchmarks.md's part for a stored eval_speed record (bench_record.record's dict): the
-    command and machine line, the speed table per S and the breakdown of (b) per S."""
+    speed table per S and the breakdown of (b) per S (benchmarks/report.py writes the command,
+    machine, commit and date line above it)."""
     result = record["result"]
-    lines = [_machine_line(record), "", *_speed_table(result), "",
+    lines = [*_speed_table(result), "",
              "Where ours spends its time (one instrumented run after the timed ones; exclusive wall time "
              "per part, rest = the run's total outside every part):", "", *_breakdown_table(result)]
     return "\n".join(lines) + "\n"

@@ -44,6 +44,7 @@ BLOCKS = {
     "train_speed": Block("train_speed.py", "python benchmarks/train_speed.py"),
     "train_speed_precision": Block("train_speed.py", "python benchmarks/train_speed.py --precision fp32,bf16"),
     "eval_speed": Block("eval_speed.py", "python benchmarks/eval_speed.py"),
+    "eval_speed_quick": Block("eval_speed.py", "python benchmarks/eval_speed.py --quick"),
     "forward_speed": Block("forward_speed.py", "python benchmarks/forward_speed.py"),
     "large_ensemble": Block("large_ensemble.py", "python benchmarks/large_ensemble.py"),
     "cpu_layout": Block("cpu_layout.py", "python benchmarks/cpu_layout.py"),
