@@ -62,6 +62,7 @@ def evaluation_table(results_file: Path) -> dict | None:
         return None
     values = json.loads(results_file.read_text(encoding="utf-8"))
     table = {"S": values["S"], "L": values["L"], "num_examples": values["num_examples"],
+             "wall_seconds": values.get("wall_seconds"),  # the evaluation's own header line
              "estimators": {name: {"mean": values["estimators"][name]["mean"],
                                    "stderr": values["estimators"][name]["stderr"]} for name in ESTIMATORS},
              "iwelbo_per_member": values["iwelbo_per_member"],
