@@ -94,6 +94,24 @@ def test_a_plain_evaluation_prints_the_table_of_the_folders_readme(tmp_path):
         assert abs(table[row] - value) <= PINNED_TOLERANCE_NATS, (row, table[row], value)
 
 
+MAIN_JOB_RESULT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "main_job.json"
+# The main job and a plain evaluation of its export score the same checkpoints with the same draws
+# (manifest batch and chunk size): only float rounding between machines may separate them.
+MAIN_JOB_AGREEMENT_NATS = 0.02
+
+
+def test_the_stored_main_job_printed_the_shipped_ensembles_table():
+    record = json.loads(MAIN_JOB_RESULT.read_text())
+    evaluation = record["result"]["evaluation"]
+    assert not record["result"]["settings"]["quick"] and record["result"]["settings"]["pipeline_flags"] == []
+    job = {name: entry["mean"] for name, entry in evaluation["estimators"].items()}
+    job.update({f"iwelbo q{i + 1}": value for i, value in enumerate(evaluation["iwelbo_per_member"])})
+    shown = _readme_table()
+    assert set(shown) <= set(job)
+    for row, value in shown.items():
+        assert abs(job[row] - value) <= MAIN_JOB_AGREEMENT_NATS, (row, job[row], value)
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--pin"]:
     import tempfile
     with tempfile.TemporaryDirectory() as folder:
