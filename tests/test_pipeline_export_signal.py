@@ -1,8 +1,8 @@
 """SIGTERM/SIGINT during the main job's export: answered at once, exit 143/130, no stale manifest."""
+import dataclasses
 import json
 import os
 import signal
-from types import SimpleNamespace
 
 import pytest
 
@@ -13,13 +13,24 @@ from miselbo.storage.checkpoints import read_checkpoint
 
 
 def _settings(tmp_path, sources):
-    """The few PipelineSettings attributes export_ensemble reads, pointing at real checkpoints."""
+    """The pipeline's settings for a run folder with an evaluation's results.json, its members
+    pointing at real checkpoints."""
     out = tmp_path / "run"
     (out / "results").mkdir(parents=True)
-    (out / "results" / "results.json").write_text(json.dumps({"L": 2}))
-    return SimpleNamespace(out=out, export=tmp_path / "export",
-                           member_names=lambda: [f"m{i}" for i in range(1, len(sources) + 1)],
-                           member_checkpoints=lambda: list(sources))
+    estimators = {name: {"mean": -100.0 - index, "stderr": 0.5, "nll_nats": 100.0 + index, "nll_bpd": 0.18}
+                  for index, name in enumerate(("miselbo", "pooled", "avg_iwelbo", "avg_elbo"))}
+    results = {"S": len(sources), "L": 2, "num_examples": 4, "split": "test", "dataset": "mnist5k", "seed": 0,
+               "device": "cpu", "wall_seconds": 1.0, "batch_size": 4, "chunk_size": 2, "estimators": estimators}
+    (out / "results" / "results.json").write_text(json.dumps(results))
+    settings = pipeline.parse_settings(["--out", str(out), "--export", str(tmp_path / "export")])
+
+    class GivenMembers(type(settings)):
+        def member_names(self):
+            return [f"m{i}" for i in range(1, len(sources) + 1)]
+
+        def member_checkpoints(self):
+            return list(sources)
+    return GivenMembers(**{field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)})
 
 
 @pytest.fixture
@@ -61,3 +72,5 @@ def test_an_uninterrupted_export_writes_the_manifest(tmp_path, shipped_members):
     assert pipeline.export_stoppable(settings) == 0
     manifest = json.loads((settings.export / "manifest.json").read_text())
     assert manifest["checkpoints"] == ["m1/checkpoint.pt", "m2/checkpoint.pt", "m3/checkpoint.pt"]
+    assert manifest["eval_defaults"] == {"num_iw_samples": 2, "batch_size": 4, "chunk_size": 2}
+    assert "-100.0000" in (settings.export / "README.md").read_text()  # the table, rendered
