@@ -14,6 +14,7 @@ BENCHMARKS = REPO_ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import bench_record  # noqa: E402
+from ensemble_helpers import one_torch_thread  # noqa: E402,F401 (autouse: one torch thread)
 
 TRAIN_SPEED_TINY = ["--preset", "tiny", "--batch_size", "2", "--steps", "1", "--warmup_steps", "1",
                     "--joint_encoders", "0"]
@@ -27,15 +28,6 @@ def _load(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these runs are tiny, and spinning OpenMP threads slow a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from ensemble_helpers import binary_batch, make_members, save_members
+from ensemble_helpers import binary_batch, make_members, one_torch_thread, save_members  # noqa: F401
 from miselbo.errors import UserError
 from miselbo.evaluation import memory
 from miselbo.evaluation import settings as eval_settings
@@ -31,15 +31,6 @@ DEMO = REPO_ROOT / "models" / "mnist5k_demo"
 def in_tmp_path(tmp_path, monkeypatch):
     """Run in a fresh folder, so that the default --save (results/miselbo) never lands in the repository."""
     monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run many small ops: one thread is faster (as ensemble_helpers.one_torch_thread)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
