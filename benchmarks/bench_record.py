@@ -13,11 +13,12 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from miselbo.pipeline.export import package_record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -64,19 +65,12 @@ def machine(device: str | torch.device = "cpu") -> dict:
             "device": device.type, "gpu": gpu, "load_average": _load_average()}
 
 
-def _git(*arguments: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *arguments], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 def code_version() -> dict:
-    """The commit the benchmark ran at, and whether tracked files differed from it."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": _git("rev-parse", "--short=12", "HEAD"),
-            "dirty": None if status is None else bool(status)}
+    """The commit the benchmark ran at (12 hex digits), and whether tracked files differed from it:
+    the package's own record (miselbo.pipeline.export.package_record, what an export stores)."""
+    package = package_record()
+    commit = package["commit"]
+    return {"commit": commit[:12] if commit else None, "dirty": package["dirty"]}
 
 
 def record(name: str, result: dict, device: str | torch.device = "cpu", argv: list[str] | None = None) -> dict:
