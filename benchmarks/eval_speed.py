@@ -35,12 +35,15 @@ opened inside it:
   decoder      the top-down passes, output head, likelihood and prior densities (what (c) does);
   encoder      the S bottom-up passes and the x-only part of every posterior head (once per batch);
   heads        the cross-member scoring: per group one stacked convolution for all S heads, their
-               Normal parameters, the source's draw and log q_j of every sample under every member;
+               Normal parameters, the source's draw and log q_j of every sample under every member
+               (its stacked convolutions alone are also reported, as head_convolution_s);
   flows        the source's flows and the other members' flow inversions (none in the paper model);
   reductions   storing each pass's rows (log_weights) or its logsumexp mixtures (reduced_weights);
   rest         the run's total minus the parts: Python glue outside every section.
 The instrumented run's own total is reported beside ours_s (the sections add a few microseconds
-each). Counts per example come from the same run: decoder sample passes (S L), encoder passes (S),
+each). `convolution_bound` = (decoder + encoder + head convolutions) / decoder, all from that run:
+the ours/floor an implementation of this algorithm would reach if everything but the S·L decoder
+passes, the S encoder passes and the S²·L exact head convolutions cost nothing. Counts per example come from the same run: decoder sample passes (S L), encoder passes (S),
 head scorings (S^2 L; one scoring = one sample under one member's heads of all G groups), flow
 applications (S L with flows) and inversions (S (S - 1) L with flows).
 
@@ -275,6 +278,7 @@ def part_seconds(timer: SectionTimer, total: float) -> dict:
     applications + inversions) and the rest of the run's total outside them."""
     seconds = {part: timer.seconds.get(part, 0.0) for part in PARTS[:-1]}
     seconds["decoder"] += timer.seconds.get("decoder_prior", 0.0)  # the prior densities, inside the pass
+    seconds["heads"] += timer.seconds.get("head_convolution", 0.0)  # the stacked convolutions, inside heads
     seconds["flows"] += timer.seconds.get("flow_inversions", 0.0)
     seconds["rest"] = total - sum(seconds.values())
     return seconds
@@ -297,7 +301,10 @@ def breakdown(ensemble: Ensemble, x: torch.Tensor, num_samples: int, chunk: int,
     total, timer = instrumented_run(ensemble, x, num_samples, chunk, device)
     seconds = part_seconds(timer, total)
     size = ensemble.num_members
+    convolutions = timer.seconds.get("head_convolution", 0.0)
+    bound = (seconds["decoder"] + seconds["encoder"] + convolutions) / seconds["decoder"]
     return {"instrumented_s": total, "decoder_calls": timer.calls.get("decoder", 0), "seconds": seconds,
+            "head_convolution_s": convolutions, "convolution_bound": bound,
             "share": {part: value / total for part, value in seconds.items()},
             "counts_per_example": operation_counts(timer, ensemble.num_groups),
             "cost_model": {"decoder_sample_passes": size * num_samples, "encoder_passes": size,
@@ -428,10 +435,11 @@ def describe_breakdown(parts: dict) -> str:
     """One line: seconds (share) of each part and the counts per example."""
     timed = ", ".join(f"{part} {parts['seconds'][part]:.3f} s ({100 * parts['share'][part]:.1f}%)" for part in PARTS)
     counts = parts["counts_per_example"]
-    return (f"{timed} of {parts['instrumented_s']:.3f} s | per example: {counts['decoder_sample_passes']:g} "
-            f"decoder sample passes, {counts['encoder_passes']:g} encoder passes, {counts['head_scorings']:g} "
-            f"head scorings, {counts['flow_applications']:g} flow applications, {counts['flow_inversions']:g} "
-            f"flow inversions")
+    return (f"{timed} of {parts['instrumented_s']:.3f} s (head convolutions alone {parts['head_convolution_s']:.3f} s; "
+            f"convolution bound on ours/floor {parts['convolution_bound']:.3f}) | per example: "
+            f"{counts['decoder_sample_passes']:g} decoder sample passes, {counts['encoder_passes']:g} encoder passes, "
+            f"{counts['head_scorings']:g} head scorings, {counts['flow_applications']:g} flow applications, "
+            f"{counts['flow_inversions']:g} flow inversions")
 
 
 # ----------------------------------------------------------------------------- docs/benchmarks.md
@@ -475,6 +483,20 @@ def _breakdown_table(result: dict) -> list[str]:
     return lines
 
 
+def _bound_table(result: dict) -> list[str]:
+    lines = ["| S | head convolutions s (share of heads) | instrumented b/decoder | convolution bound |",
+             "|---|---|---|---|"]
+    for size, row in sorted(result.items(), key=lambda item: int(item[0])):
+        parts = row["breakdown"]
+        if "convolution_bound" not in parts:
+            continue
+        heads = parts["seconds"]["heads"]
+        share = f"{100 * parts['head_convolution_s'] / heads:.0f}%" if heads > 0 else "-"
+        lines.append(f"| {size} | {parts['head_convolution_s']:.3f} ({share}) | "
+                     f"{parts['instrumented_s'] / parts['seconds']['decoder']:.3f} | {parts['convolution_bound']:.3f} |")
+    return lines if len(lines) > 2 else []
+
+
 def render_markdown(record: dict) -> str:
     """docs/benchmarks.md's part for a stored eval_speed record (bench_record.record's dict): the
     speed table per S and the breakdown of (b) per S (benchmarks/report.py writes the command,
@@ -483,6 +505,10 @@ def render_markdown(record: dict) -> str:
     lines = [*_speed_table(result), "",
              "Where ours spends its time (one instrumented run after the timed ones; exclusive wall time "
              "per part, rest = the run's total outside every part):", "", *_breakdown_table(result)]
+    bound = _bound_table(result)
+    if bound:
+        lines += ["", "The exact convolutions alone (same instrumented run; convolution bound = (decoder + encoder + "
+                  "head convolutions) / decoder, the b/c left if every other part cost nothing):", "", *bound]
     return "\n".join(lines) + "\n"
 
 

@@ -123,6 +123,11 @@ def test_main_stores_a_breakdown_that_matches_the_cost_model(tiny_bench, tmp_pat
         assert named <= 3 * row["ours_s"] + 0.25
         assert sum(parts["share"].values()) == pytest.approx(1.0)
         assert f"S={size}: breakdown of ours: decoder" in out
+        # the stacked convolutions are a part of the heads, and the bound leaves out the rest of (b)
+        assert 0 < parts["head_convolution_s"] <= seconds["heads"]
+        expected_bound = (seconds["decoder"] + seconds["encoder"] + parts["head_convolution_s"]) / seconds["decoder"]
+        assert parts["convolution_bound"] == pytest.approx(expected_bound)
+        assert 1 < parts["convolution_bound"] <= parts["instrumented_s"] / seconds["decoder"]
 
 
 def test_breakdown_counts_flows_and_inversions():
@@ -145,6 +150,7 @@ def _hand_made_record():
                 "ours_over_floor": ours / floor, "max_abs_diff": 0.00378,
                 "peak_mib": {"public": 172.1, "ours": 234.6, "floor": 204.0},
                 "breakdown": {"instrumented_s": ours, "decoder_calls": size, "seconds": seconds,
+                              "head_convolution_s": 0.04 * ours, "convolution_bound": (0.8 + 0.1 + 0.04) / 0.8,
                               "share": {part: value / ours for part, value in seconds.items()},
                               "counts_per_example": {"decoder_sample_passes": 8 * size, "encoder_passes": size,
                                                      "head_scorings": 8 * size * size, "flow_applications": 0,
@@ -165,3 +171,4 @@ def test_render_markdown_shows_the_record():
     assert "| 2 | decoder | 1.552 | 80.0% | 16 (S L decoder sample passes) |" in text
     assert "| 5 | encoder | 0.564 | 10.0% | 5 (S encoder passes) |" in text
     assert "| 2 | rest | 0.058 | 3.0% |" in text
+    assert "| 2 | 0.078 (67%) | 1.250 | 1.175 |" in text  # convolutions alone, b / decoder, the bound

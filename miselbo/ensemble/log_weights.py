@@ -28,8 +28,9 @@ version counters, so a load_state_dict or an optimizer step is picked up; tests/
 The convolution's output buffer is turned into the S members' Normal parameters in place (base,
 prior, soft clamp, sigma) and log q of every member is summed with two temporaries: the same float
 operations as `Normal`, bit for bit, without its six intermediate tensors of size S x L per row.
-The work is split into named sections (`miselbo.ensemble.sections`: encoder, decoder, heads, flows,
-reductions), timed only when a SectionTimer is active (benchmarks/eval_speed.py's breakdown).
+The work is split into named sections (`miselbo.ensemble.sections`: encoder, decoder, heads and,
+inside it, head_convolution, flows, reductions), timed only when a SectionTimer is active
+(benchmarks/eval_speed.py's breakdown).
 
 Memory linear in S (`reduced_weights`): each source member's samples are reduced as soon as they
 are scored, to log p, its own log q, log q_mix (all S members) and, when asked, the mixture of the
@@ -291,7 +292,8 @@ class Ensemble:
         if columns is not None:
             weight = weight.view(self.num_members, -1, *weight.shape[1:])[columns].flatten(0, 1)
             base = base[:, :, columns]
-        per_sample = F.conv2d(state, weight, None, 1, padding, dilation)  # [N, C 2L, h, w], a fresh buffer
+        with section("head_convolution"):
+            per_sample = F.conv2d(state, weight, None, 1, padding, dilation)  # [N, C 2L, h, w], a fresh buffer
         enc_param = per_sample.view(count, -1, *base.shape[2:]).add_(base)  # [n, B, C, 2L, h, w]
         if self.decoder.res_dist:
             mu_raw, log_sigma_raw = torch.chunk(enc_param, 2, dim=3)  # views, [n, B, C, L, h, w]
