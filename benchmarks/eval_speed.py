@@ -43,8 +43,8 @@ opened inside it:
 The instrumented run's own total is reported beside ours_s (the sections add a few microseconds
 each). `convolution_bound` = (decoder + encoder + head convolutions) / decoder, all from that run:
 the ours/floor an implementation of this algorithm would reach if everything but the S·L decoder
-passes, the S encoder passes and the S²·L exact head convolutions cost nothing. Counts per example come from the same run: decoder sample passes (S L), encoder passes (S),
-head scorings (S^2 L; one scoring = one sample under one member's heads of all G groups), flow
+passes, the S encoder passes and the S²·L exact head convolutions cost nothing. Counts per example
+come from the same run: decoder sample passes (S L), encoder passes (S), head scorings (S^2 L; one scoring = one sample under one member's heads of all G groups), flow
 applications (S L with flows) and inversions (S (S - 1) L with flows).
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated over the call minus what was
@@ -104,6 +104,8 @@ DEFAULT_TOLERANCE_NATS = 0.05  # float32 sums over 1,000s of terms differ by ~1e
 
 
 PARTS = ("decoder", "encoder", "heads", "flows", "reductions", "rest")
+# sections opened inside a part, whose exclusive time belongs to that part
+INNER_SECTIONS = {"decoder_prior": "decoder", "head_convolution": "heads", "flow_inversions": "flows"}
 
 
 class WrongResult(bench_record.Disagreement):
@@ -274,12 +276,12 @@ def instrumented_run(ensemble: Ensemble, x: torch.Tensor, num_samples: int, chun
 
 
 def part_seconds(timer: SectionTimer, total: float) -> dict:
-    """Seconds of each of PARTS: the timed sections (decoder = passes + prior densities, flows =
-    applications + inversions) and the rest of the run's total outside them."""
+    """Seconds of each of PARTS: the timed sections with their INNER_SECTIONS (decoder = passes +
+    prior densities, heads = scoring + stacked convolutions, flows = applications + inversions) and
+    the rest of the run's total outside them."""
     seconds = {part: timer.seconds.get(part, 0.0) for part in PARTS[:-1]}
-    seconds["decoder"] += timer.seconds.get("decoder_prior", 0.0)  # the prior densities, inside the pass
-    seconds["heads"] += timer.seconds.get("head_convolution", 0.0)  # the stacked convolutions, inside heads
-    seconds["flows"] += timer.seconds.get("flow_inversions", 0.0)
+    for inner, part in INNER_SECTIONS.items():
+        seconds[part] += timer.seconds.get(inner, 0.0)
     seconds["rest"] = total - sum(seconds.values())
     return seconds
 
@@ -488,13 +490,10 @@ def _bound_table(result: dict) -> list[str]:
              "|---|---|---|---|"]
     for size, row in sorted(result.items(), key=lambda item: int(item[0])):
         parts = row["breakdown"]
-        if "convolution_bound" not in parts:
-            continue
-        heads = parts["seconds"]["heads"]
-        share = f"{100 * parts['head_convolution_s'] / heads:.0f}%" if heads > 0 else "-"
-        lines.append(f"| {size} | {parts['head_convolution_s']:.3f} ({share}) | "
+        share = parts["head_convolution_s"] / parts["seconds"]["heads"]
+        lines.append(f"| {size} | {parts['head_convolution_s']:.3f} ({100 * share:.0f}%) | "
                      f"{parts['instrumented_s'] / parts['seconds']['decoder']:.3f} | {parts['convolution_bound']:.3f} |")
-    return lines if len(lines) > 2 else []
+    return lines
 
 
 def render_markdown(record: dict) -> str:
@@ -504,11 +503,10 @@ def render_markdown(record: dict) -> str:
     result = record["result"]
     lines = [*_speed_table(result), "",
              "Where ours spends its time (one instrumented run after the timed ones; exclusive wall time "
-             "per part, rest = the run's total outside every part):", "", *_breakdown_table(result)]
-    bound = _bound_table(result)
-    if bound:
-        lines += ["", "The exact convolutions alone (same instrumented run; convolution bound = (decoder + encoder + "
-                  "head convolutions) / decoder, the b/c left if every other part cost nothing):", "", *bound]
+             "per part, rest = the run's total outside every part):", "", *_breakdown_table(result), "",
+             "The exact convolutions alone (same instrumented run; convolution bound = (decoder + encoder + "
+             "head convolutions) / decoder, the b/c left if every other part cost nothing):", "",
+             *_bound_table(result)]
     return "\n".join(lines) + "\n"
 
 
